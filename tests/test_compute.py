@@ -1,0 +1,109 @@
+"""End to end: compute a run with a tiny model, check it against the dumped full gradients, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gist_backend.cli import main as cli_main
+from gist_backend.compute import ComputeConfig, compute
+from gist_backend.runs import RunError, open_run
+from gist_backend.scoring import scores
+
+from test_gist import svd_scores
+
+SMALL = dict(k_max=8, warmup_epochs=2, warmup_fraction=0.2, warmup_lr=1e-3, warmup_batch=4, shard_size=16, max_len=64)
+
+
+def test_scores_equal_independent_computation_from_dumped_gradients(tiny_llama, toy_data, tmp_path):
+    pool, val = toy_data
+    config = ComputeConfig(model=str(tiny_llama), train=[str(pool)], val=[str(val)], warmup=False, **{k: v for k, v in SMALL.items() if not k.startswith("warmup")})
+    compute(config, tmp_path / "run", dump_full_grads=tmp_path / "dump")
+    run = open_run(tmp_path / "run")
+    val_grads = np.load(tmp_path / "dump" / "val_grads.npy")
+    train_grads = np.load(tmp_path / "dump" / "train_grads.npy")
+    assert val_grads.shape == (run.val.height, run.manifest["d"]) and train_grads.shape[0] == run.train.height
+    examples = [json.loads(line) for line in (tmp_path / "dump" / "train_examples.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in examples] == run.train["id"].to_list()
+    for rank in (1, 4, run.k_max):
+        np.testing.assert_allclose(scores(run, "gist", rank), svd_scores(val_grads, train_grads, run.val_tasks, rank), atol=1e-4)
+
+    # The dump is self-contained: the adapter and token ids reproduce one gradient by plain autograd.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "dump" / "adapter", is_trainable=True)
+    model.eval()
+    params = [p for n, p in model.named_parameters() if ".lora_" in n]
+    loss = model(input_ids=torch.tensor([examples[3]["input_ids"]]), labels=torch.tensor([examples[3]["labels"]])).loss
+    flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).numpy()
+    np.testing.assert_allclose(flat, train_grads[3], atol=1e-5)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gist_backend.cli", *args]
+
+
+def _compute_args(model: Path, pool: Path, val: Path, run_dir: Path) -> list[str]:
+    return [
+        "compute", "--model", str(model), "--train", str(pool), "--val", str(val), "--run-dir", str(run_dir),
+        "--k-max", "8", "--warmup-epochs", "2", "--warmup-fraction", "0.2", "--warmup-lr", "1e-3", "--warmup-batch", "4",
+        "--shard-size", "8", "--max-len", "64", "--max-batch", "4",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_killed_compute_resumes_to_the_same_result(tiny_llama, tmp_path):
+    from gist_backend.testing import make_toy_data
+
+    pool, val = make_toy_data(tmp_path / "data", n_train=160, n_val=10)
+    env = {**os.environ, "GIST_TORCH_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(*_compute_args(tiny_llama, pool, val, reference)), check=True, env=env, capture_output=True)
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*_compute_args(tiny_llama, pool, val, run_dir)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run_dir / "ckpt-1" / "train" / "shard-00002.safetensors"
+    deadline = time.time() + 120
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "running"
+    with pytest.raises(RunError, match="not complete"):
+        open_run(run_dir)
+    done_before = sorted(p.name for p in (run_dir / "ckpt-1" / "train").glob("shard-*"))
+    assert 0 < len(done_before) < 20  # killed mid-way through the last checkpoint's shards
+
+    subprocess.run(_cli(*_compute_args(tiny_llama, pool, val, run_dir)), check=True, env=env, capture_output=True)
+    resumed, fresh = open_run(run_dir), open_run(reference)
+    np.testing.assert_array_equal(resumed.train_coords, fresh.train_coords)
+    np.testing.assert_array_equal(resumed.val_coords, fresh.val_coords)
+    np.testing.assert_array_equal(scores(resumed, "gist", 3), scores(fresh, "gist", 3))
+
+
+def test_cli_scores_info_and_option_mismatch(tiny_llama, toy_data, tmp_path, capsys):
+    pool, val = toy_data
+    run_dir = tmp_path / "run"
+    cli_main(_compute_args(tiny_llama, pool, val, run_dir))
+    cli_main(["scores", "--run-dir", str(run_dir), "--rank", "3", "--out", str(tmp_path / "s.csv")])
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert lines[0] == "id,score" and len(lines) == 61
+    run = open_run(run_dir)
+    written = np.array([float(line.split(",")[1]) for line in lines[1:]])
+    np.testing.assert_allclose(written, scores(run, "gist", 3), rtol=1e-6)
+    cli_main(["info", "--run-dir", str(run_dir), "--top", "3"])
+    out = capsys.readouterr().out
+    assert "r90/r95/r99" in out and "ρ =" in out and "top 3 examples" in out
+    with pytest.raises(SystemExit):  # same run dir, different options: refuse rather than mix results
+        cli_main(_compute_args(tiny_llama, pool, val, run_dir) + ["--lora-rank", "4"])
+    assert "different options" in capsys.readouterr().err
