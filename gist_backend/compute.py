@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -87,23 +88,48 @@ class ComputeConfig:
 class Progress:
     """Writes ``progress.json`` (stage, done, total, rate, ETA) at most twice a second."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = run_dir / "progress.json"
+        self.enabled = enabled
         self.last = 0.0
 
     def __call__(self, stage: str, done: int, total: int, rate: float = 0.0, force: bool = False) -> None:
         now = time.time()
-        if not force and now - self.last < 0.5 and done < total:
+        if not self.enabled or (not force and now - self.last < 0.5 and done < total):
             return
         self.last = now
         eta = (total - done) / rate if rate > 0 else None
         write_json(self.path, {"stage": stage, "done": done, "total": total, "rate": rate, "eta_s": eta, "updated": now})
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun with several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # Rank 0 runs the warmup and the subspace while the others wait: allow for hours.
+        dist.init_process_group(backend, timeout=timedelta(hours=12))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA when available, else CPU."""
+    """'auto' picks CUDA when available (the local rank's GPU under torchrun), else CPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
     return torch.device(device)
 
 
@@ -177,8 +203,11 @@ def example_table(records: Sequence[Record], examples: Sequence) -> pl.DataFrame
     )
 
 
-def prepare(config: ComputeConfig, tokenizer, run_dir: Path) -> tuple[list, list, list[dict]]:
-    """Load, tokenise and tabulate both splits; returns (train examples, val examples, bad rows)."""
+def prepare(config: ComputeConfig, tokenizer, run_dir: Path, write: bool = True) -> tuple[list, list, list[dict], pl.DataFrame, pl.DataFrame]:
+    """Load and tokenise both splits, and (if ``write``) save their tables and the bad-record report.
+
+    Returns (train examples, val examples, bad rows, train table, val table).
+    """
     train_records, bad = load_split(config.train, "train")
     val_records, val_bad = load_split(config.val, "val")
     bad += val_bad
@@ -190,11 +219,13 @@ def prepare(config: ComputeConfig, tokenizer, run_dir: Path) -> tuple[list, list
         raise DataError(f"no usable training example in {', '.join(config.train)} after tokenisation; see {run_dir / 'bad_records.jsonl'}")
     if not val_ex:
         raise DataError(f"no usable validation example in {', '.join(config.val)} after tokenisation; see {run_dir / 'bad_records.jsonl'}")
-    write_parquet(run_dir / "train.parquet", example_table(train_records, train_ex))
-    write_parquet(run_dir / "val.parquet", example_table(val_records, val_ex))
-    with atomic_path(run_dir / "bad_records.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
-    return train_ex, val_ex, bad
+    train_table, val_table = example_table(train_records, train_ex), example_table(val_records, val_ex)
+    if write:
+        write_parquet(run_dir / "train.parquet", train_table)
+        write_parquet(run_dir / "val.parquet", val_table)
+        with atomic_path(run_dir / "bad_records.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad))
+    return train_ex, val_ex, bad, train_table, val_table
 
 
 def _load_adapter_weights(model: torch.nn.Module, adapter_dir: Path) -> None:
@@ -277,8 +308,12 @@ def validation_stage(config, model, val_ex, pad_id, ckpt_dir: Path, device, auto
     spill_path.unlink(missing_ok=True)
 
 
-def training_stage(config, model, train_ex, pad_id, ckpt: dict, ckpt_dir: Path, device, autocast, progress, dump: np.ndarray | None) -> None:
-    """Training gradients → coordinates (and sketches) in shards; finished shards are skipped."""
+def training_stage(config, model, train_ex, pad_id, ckpt: dict, ckpt_dir: Path, device, autocast, progress, dump: np.ndarray | None, rank: int = 0, world: int = 1) -> None:
+    """Training gradients → coordinates (and sketches) in shards; finished shards are skipped.
+
+    Under torchrun, rank r takes shards r, r + world, …: every shard is computed exactly as in a
+    single process, so merging gives the same run.
+    """
     subspace = read_tensors(ckpt_dir / "subspace.safetensors")
     basis = torch.as_tensor(subspace["basis"]).to(device)
     sketching = bool(set(config.methods) & {"less", "g2is"})
@@ -293,7 +328,7 @@ def training_stage(config, model, train_ex, pad_id, ckpt: dict, ckpt_dir: Path, 
     shards = range(0, n, config.shard_size)
     for s, start in enumerate(shards):
         path = ckpt_dir / "train" / f"shard-{s:05d}.safetensors"
-        if path.exists() and dump is None:
+        if s % world != rank or (path.exists() and dump is None):
             continue
         shard = train_ex[start : start + config.shard_size]
         coords = np.empty((len(shard), basis.shape[1]), np.float32)
@@ -375,39 +410,55 @@ def _write_dump_examples(path: Path, examples: Sequence, tasks: Sequence[str]) -
 
 
 def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Run (or resume) the whole compute stage into ``run_dir``; returns the run directory."""
+    """Run (or resume) the whole compute stage into ``run_dir``; returns the run directory.
+
+    Under ``torchrun`` every rank runs this: rank 0 does the warmup, the subspace and the merge
+    and writes the manifest; the training shards are split across ranks.
+    """
     from .model import attach_lora, load_adapter, load_model, model_fingerprint
 
     bad_methods = set(config.methods) - set(METHOD_CHOICES)
     if bad_methods or "gist" not in config.methods:
         raise ValueError(f"methods must include gist and be among {', '.join(METHOD_CHOICES)}; got {', '.join(config.methods)}")
+    rank, world = distributed()
+    main = rank == 0
+    if dump_full_grads and world > 1:
+        raise ValueError("--dump-full-grads is for small single-process checks; run it without torchrun")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = run_dir / "manifest.json"
-    if manifest_path.exists() and not overwrite:
-        manifest = read_json(manifest_path)
-        if manifest.get("config_hash") != config.result_hash():
-            raise RunError(
-                f"{run_dir} holds a run with different options ({manifest.get('config')}). "
-                "Use a new --run-dir, the same options to resume, or --overwrite to start again."
-            )
-        if manifest.get("status") == "complete" and dump_full_grads is None:
-            print(f"{run_dir}: already complete")
-            return run_dir
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if manifest_path.exists() and not overwrite:
+            manifest = read_json(manifest_path)
+            if manifest.get("config_hash") != config.result_hash():
+                raise RunError(
+                    f"{run_dir} holds a run with different options ({manifest.get('config')}). "
+                    "Use a new --run-dir, the same options to resume, or --overwrite to start again."
+                )
+        else:
+            manifest = {"format": "gist-curator-run", "version": FORMAT_VERSION, "created": _now(), "timings": {}}
     else:
-        manifest = {"format": "gist-curator-run", "version": FORMAT_VERSION, "created": _now(), "timings": {}}
-    manifest.update(
-        status="running", tool_version=tool_version(), versions=_versions(), config=asdict(config),
-        config_hash=config.result_hash(), methods=list(config.methods), error=None,
-    )  # fmt: skip
-    write_json(manifest_path, manifest)
-    progress = Progress(run_dir)
+        manifest = {"timings": {}}
+    if main and manifest.get("status") == "complete" and dump_full_grads is None:
+        print(f"{run_dir}: already complete")
+        barrier(world)
+        return run_dir
+    progress = Progress(run_dir, enabled=main)
     timings = manifest.setdefault("timings", {})
+
+    def save_manifest(**fields) -> None:
+        manifest.update(fields)
+        if main:
+            write_json(manifest_path, manifest)
 
     def timed(stage: str, start: float) -> None:
         timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 3)
-        write_json(manifest_path, manifest)
+        save_manifest()
 
+    save_manifest(
+        status="running", tool_version=tool_version(), versions=_versions(), config=asdict(config),
+        config_hash=config.result_hash(), methods=list(config.methods), error=None, world_size=world,
+    )  # fmt: skip
     try:
         t0 = time.perf_counter()
         device = resolve_device(config.device)
@@ -419,9 +470,9 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
 
         t0 = time.perf_counter()
         progress("reading data", 0, 1, force=True)
-        train_ex, val_ex, bad = prepare(config, tokenizer, run_dir)
-        val_tasks = pl.read_parquet(run_dir / "val.parquet")["task"].to_list()
-        manifest.update(
+        train_ex, val_ex, bad, train_table, val_table = prepare(config, tokenizer, run_dir, write=main)
+        val_tasks = val_table["task"].to_list()
+        save_manifest(
             n_train=len(train_ex), n_val=len(val_ex), bad_records=len(bad),
             fingerprints={"train": {p: fingerprint(p) for p in config.train}, "val": {p: fingerprint(p) for p in config.val}, "model": model_fingerprint(config.model)},
         )  # fmt: skip
@@ -438,7 +489,11 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
         model.to(device)
         manifest["d"] = sum(module.weight.numel() for _, module in lora_factors(model))
         t0 = time.perf_counter()
-        checkpoints = checkpoints_for(config, model, tokenizer, train_ex, run_dir, device, autocast, progress)
+        if main:
+            checkpoints = checkpoints_for(config, model, tokenizer, train_ex, run_dir, device, autocast, progress)
+        barrier(world)
+        if not main:  # the checkpoints are on disk now: this only lists them
+            checkpoints = checkpoints_for(config, model, tokenizer, train_ex, run_dir, device, autocast, progress)
         timed("warmup", t0)
 
         dump_dir = Path(dump_full_grads) if dump_full_grads else None
@@ -448,8 +503,9 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
             _load_adapter_weights(model, Path(ckpt["adapter"]))
             last = c == len(checkpoints) - 1
             t0 = time.perf_counter()
-            if not (ckpt_dir / "subspace.safetensors").exists() or (dump_dir and last):
+            if main and (not (ckpt_dir / "subspace.safetensors").exists() or (dump_dir and last)):
                 validation_stage(config, model, val_ex, pad_id, ckpt_dir, device, autocast, progress, dump_dir if last else None)
+            barrier(world)
             timed("validation", t0)
             t0 = time.perf_counter()
             dump = None
@@ -457,27 +513,27 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
                 dump_path = dump_dir / "train_grads.npy"
                 dump_path.parent.mkdir(parents=True, exist_ok=True)
                 dump = np.lib.format.open_memmap(dump_path, mode="w+", dtype=np.float32, shape=(len(train_ex), manifest["d"]))
-            training_stage(config, model, train_ex, pad_id, ckpt, ckpt_dir, device, autocast, progress, dump)
+            training_stage(config, model, train_ex, pad_id, ckpt, ckpt_dir, device, autocast, progress, dump, rank, world)
             if dump is not None:
                 dump.flush()
                 model.save_pretrained(str(dump_dir / "adapter"))
-                _write_dump_examples(dump_dir / "train_examples.jsonl", train_ex, pl.read_parquet(run_dir / "train.parquet")["task"].to_list())
+                _write_dump_examples(dump_dir / "train_examples.jsonl", train_ex, train_table["task"].to_list())
                 _write_dump_examples(dump_dir / "val_examples.jsonl", val_ex, val_tasks)
             timed("training", t0)
 
-        t0 = time.perf_counter()
-        progress("merging", 0, 1, force=True)
-        merge(config, run_dir, manifest, checkpoints, len(train_ex), val_tasks)
-        timed("merge", t0)
-        manifest.update(status="complete", finished=_now())
-        write_json(manifest_path, manifest)
-        progress("complete", 1, 1, force=True)
+        barrier(world)
+        if main:
+            t0 = time.perf_counter()
+            progress("merging", 0, 1, force=True)
+            merge(config, run_dir, manifest, checkpoints, len(train_ex), val_tasks)
+            timed("merge", t0)
+            save_manifest(status="complete", finished=_now())
+            progress("complete", 1, 1, force=True)
+        barrier(world)
         return run_dir
     except KeyboardInterrupt:
-        manifest.update(status="cancelled", error="cancelled by the user; re-run the same command to resume")
-        write_json(manifest_path, manifest)
+        save_manifest(status="cancelled", error="cancelled by the user; re-run the same command to resume")
         raise
     except Exception as err:
-        manifest.update(status="failed", error=f"{type(err).__name__}: {err}")
-        write_json(manifest_path, manifest)
+        save_manifest(status="failed", error=f"{type(err).__name__}: {err}")
         raise

