@@ -124,3 +124,54 @@ def test_torchrun_two_processes_gives_the_single_process_run(tiny_llama, tmp_pat
     assert two.manifest["world_size"] == 2
     np.testing.assert_allclose(two.train_coords, one.train_coords, atol=1e-5)
     np.testing.assert_allclose(scores(two, "gist", 4), scores(one, "gist", 4), atol=1e-5)
+
+
+def test_less_scores_equal_independent_computation_from_dumped_gradients(tiny_llama, toy_data, tmp_path):
+    from safetensors import safe_open
+
+    from gist_backend.projection import make_projection, project
+
+    pool, val = toy_data
+    config = ComputeConfig(model=str(tiny_llama), train=[str(pool)], val=[str(val)], methods=["gist", "less"], less_dim=256, **{**SMALL, "warmup_epochs": 1})
+    compute(config, tmp_path / "run", dump_full_grads=tmp_path / "dump")
+    run = open_run(tmp_path / "run")
+    val_grads = torch.from_numpy(np.load(tmp_path / "dump" / "val_grads.npy"))
+    train_grads = torch.from_numpy(np.load(tmp_path / "dump" / "train_grads.npy"))
+    with safe_open(str(tmp_path / "run" / "warmup" / "epoch-1" / "optimizer.safetensors"), "pt") as f:
+        beta1, beta2 = float(f.metadata()["beta1"]), float(f.metadata()["beta2"])
+        keys = [k[: -len(".exp_avg")] for k in f.keys() if k.endswith(".exp_avg")]
+        from peft import PeftModel  # parameter order = model.named_parameters(), as in the dump
+        from transformers import AutoModelForCausalLM
+
+        order = [n for n, _ in PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "dump" / "adapter").named_parameters() if ".lora_" in n]
+        assert sorted(order) == sorted(keys)
+        m = torch.cat([f.get_tensor(f"{n}.exp_avg").reshape(-1) for n in order])
+        v = torch.cat([f.get_tensor(f"{n}.exp_avg_sq").reshape(-1) for n in order])
+    gamma = (beta1 * m + (1 - beta1) * train_grads) / torch.sqrt(beta2 * v + (1 - beta2) * train_grads**2 + 1e-8)
+    proj = make_projection(val_grads.shape[1], 256, config.seed)
+    x = torch.nn.functional.normalize(project(proj, gamma), dim=1)
+    y = torch.nn.functional.normalize(project(proj, val_grads), dim=1)
+    tasks = np.asarray(run.val_tasks)
+    expected = np.max([(x @ y[torch.from_numpy(tasks == t)].T).mean(1).numpy() for t in sorted(set(tasks))], axis=0)
+    np.testing.assert_allclose(scores(run, "less"), expected, atol=3e-3)  # sketches are stored in fp16
+
+
+@pytest.mark.slow
+def test_real_smollm2_run_end_to_end(tmp_path):
+    """The real offline model: a small run completes and its scores are finite and not all equal."""
+    pytest.importorskip("gguf", reason="gguf missing: pip install gguf")
+    from gist_backend.model import smollm2_gguf
+    from gist_backend.testing import make_toy_data
+
+    try:
+        gguf = smollm2_gguf()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    pool, val = make_toy_data(tmp_path / "data", n_train=12, n_val=4)
+    config = ComputeConfig(model=str(gguf), train=[str(pool)], val=[str(val)], warmup=False, k_max=4, max_len=64, shard_size=8)
+    compute(config, tmp_path / "run")
+    run = open_run(tmp_path / "run")
+    assert run.manifest["d"] == 921_600  # rank-8 LoRA on q/k/v/o of the 30-layer SmolLM2-135M
+    values = scores(run, "gist", 2)
+    assert np.isfinite(values).all() and values.std() > 0
+    assert run.geometry()["checkpoints"][0]["rho"] > 0.1  # LoRA gradients are strongly coupled

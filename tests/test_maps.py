@@ -1,0 +1,88 @@
+"""2-D maps: plain coordinates at ranks 1–2, UMAP above, shapes, sampling, and the per-rank cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gist_backend import maps
+from gist_backend.maps import umap_map
+from gist_backend.runs import open_run
+from gist_backend.synthetic import synthetic_run
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = synthetic_run(tmp_path_factory.mktemp("maps") / "run", n_train=300, n_val=18, n_tasks=3, k_max=12, n_ckpt=2, n_sources=3, seed=1)
+    return open_run(path)
+
+
+def no_umap(*args, **kwargs):
+    raise AssertionError("the map was recomputed although it is cached")
+
+
+def test_low_ranks_are_the_coordinates(run, monkeypatch):
+    monkeypatch.setattr(maps, "_umap", no_umap)  # ranks 1-2 never embed
+    two = umap_map(run, 2)
+    np.testing.assert_array_equal(two["train_xy"], run.train_coords[-1, :, :2])
+    np.testing.assert_array_equal(two["val_xy"], run.val_coords[-1, :, :2])
+    labels = np.asarray(run.val_tasks)
+    means = [run.val_coords[-1][labels == t, :2].mean(axis=0) for t in sorted(set(run.val_tasks))]
+    np.testing.assert_allclose(two["centroid_xy"], np.stack(means), rtol=1e-6)
+    one = umap_map(run, 1)
+    assert one["train_xy"].shape == (300, 2) and not one["train_xy"][:, 1].any()
+    np.testing.assert_array_equal(one["train_xy"][:, 0], run.train_coords[-1, :, 0])
+    assert (run.path / "maps" / "umap-r1.safetensors").exists()
+
+
+@pytest.mark.slow  # UMAP's numba JIT costs ~12 s of CPU in a fresh process, whatever the data size
+def test_umap_shapes_and_cache(run, monkeypatch):
+    path = run.path / "maps" / "umap-r6.safetensors"
+    path.unlink(missing_ok=True)
+    first = umap_map(run, 6, n_neighbors=10)
+    assert first["train_xy"].shape == (300, 2) and first["val_xy"].shape == (18, 2) and first["centroid_xy"].shape == (3, 2)
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in first.values())
+    assert first["train_xy"].std(axis=0).min() > 0  # a spread-out map, not a collapsed one
+    assert path.exists()
+    mtime = path.stat().st_mtime_ns
+
+    monkeypatch.setattr(maps, "_umap", no_umap)
+    again = umap_map(run, 6, n_neighbors=10)
+    for k in maps.MAP_KEYS:
+        np.testing.assert_array_equal(again[k], first[k])
+    assert path.stat().st_mtime_ns == mtime
+    with pytest.raises(AssertionError, match="recomputed"):
+        umap_map(run, 6, n_neighbors=10, seed=1)  # other parameters: not served from the cache
+    monkeypatch.undo()
+
+    path.write_bytes(b"garbage")  # a damaged cache is rebuilt, not an error
+    monkeypatch.setattr(maps, "_umap", lambda *a: {k: np.ones((n, 2), np.float32) for k, n in zip(maps.MAP_KEYS, (300, 18, 3))})
+    assert umap_map(run, 6, n_neighbors=10)["train_xy"].shape == (300, 2)
+
+
+@pytest.mark.slow
+def test_umap_fits_a_sample_and_places_the_rest(run):
+    out = umap_map(run, 4, fit_sample=200, n_neighbors=8)
+    assert out["train_xy"].shape == (300, 2) and np.isfinite(out["train_xy"]).all()
+    assert out["centroid_xy"].shape == (3, 2) and out["val_xy"].shape == (18, 2)
+    # rows outside the sample sit inside the hull of the fitted rows (weighted means of fitted neighbours)
+    fitted = np.sort(np.random.default_rng(0).choice(300, 200, replace=False))
+    rest = np.setdiff1d(np.arange(300), fitted)
+    lo, hi = out["train_xy"][fitted].min(axis=0), out["train_xy"][fitted].max(axis=0)
+    assert ((out["train_xy"][rest] >= lo - 1e-4) & (out["train_xy"][rest] <= hi + 1e-4)).all()
+    with pytest.raises(ValueError, match="rank must be between"):
+        umap_map(run, 0)
+
+
+def test_exact_knn():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 5)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    idx, dist = maps.knn(x, x, 4, block_elems=7 * 50)  # several blocks
+    sims = x @ x.T
+    np.testing.assert_array_equal(idx, np.argsort(-sims, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(dist, 1 - np.take_along_axis(sims, idx, axis=1), atol=1e-6)
+    assert (idx[:, 0] == np.arange(50)).all()
