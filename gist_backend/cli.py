@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="cache/demo")
     p.add_argument("--no-serve", action="store_true", help="stop after the run instead of opening the dashboard")
     p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--pool-size", type=int, default=400)
+    p.add_argument("--pool-size", type=int, default=200, help="demo pool size (about 1 s per example on a 2-core CPU)")
     p.add_argument("--methods", default="gist,less,g2is")
 
     p = sub.add_parser("serve", help="open the dashboard (127.0.0.1) on a run")

@@ -17,18 +17,25 @@ def check_demo_packages() -> None:
 
 
 def demo_config(pool: Path, val: Path, methods: Sequence[str]):
-    """The demo's compute options: SmolLM2-135M-Instruct, short warmup, sized for a 2-core CPU."""
+    """The demo's compute options: SmolLM2-135M-Instruct, one short warmup epoch, sized for a 2-core CPU.
+
+    A 135M model costs about a second per example gradient on two CPU cores, so the demo keeps one
+    checkpoint (GIST and LESS default to four on real runs) and short examples.
+    """
     from .compute import ComputeConfig
     from .model import smollm2_gguf
 
     return ComputeConfig(
-        model=str(smollm2_gguf()), train=[str(pool)], val=[str(val)], max_len=384,
-        warmup_fraction=0.1, warmup_epochs=2, warmup_lr=1e-4, warmup_batch=8,
-        k_max=128, methods=list(methods), less_dim=4096, max_tokens=4096, shard_size=128,
+        model=str(smollm2_gguf()), train=[str(pool)], val=[str(val)], max_len=256,
+        warmup_fraction=0.1, warmup_epochs=1, warmup_lr=1e-4, warmup_batch=4,
+        k_max=128, methods=list(methods), less_dim=4096, max_tokens=2048, shard_size=64,
     )  # fmt: skip
 
 
-def run_demo(run_dir: Path, *, pool_size: int = 400, methods: Sequence[str] = ("gist", "less", "g2is")) -> Path:
+DEMO_MAX_CHARS = 700
+
+
+def run_demo(run_dir: Path, *, pool_size: int = 200, methods: Sequence[str] = ("gist", "less", "g2is")) -> Path:
     """Build the demo data next to the run (once) and compute (or resume) the demo run."""
     from .compute import compute
     from .demo_data import build_demo_data
@@ -39,6 +46,6 @@ def run_demo(run_dir: Path, *, pool_size: int = 400, methods: Sequence[str] = ("
     pool, val = data_dir / "pool.jsonl", data_dir / "val.jsonl"
     if not (pool.exists() and val.exists()):
         print(f"building demo data in {data_dir} …")
-        pool, val = build_demo_data(data_dir, pool_size=pool_size)
+        pool, val = build_demo_data(data_dir, pool_size=pool_size, max_chars=DEMO_MAX_CHARS)
     print(f"computing the demo run in {run_dir} (SmolLM2-135M-Instruct on CPU; a few minutes) …")
     return compute(demo_config(pool, val, methods), run_dir)

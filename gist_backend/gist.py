@@ -70,7 +70,7 @@ def per_task_cosines(
     """cos(z_i[:rank], c_t) for one checkpoint: (task names, (N, T))."""
     tasks, centroids = task_centroids(val_coords, val_tasks, rank)
     z = np.asarray(train_coords[:, :rank], dtype=np.float32)
-    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", z, z))[:, None]
     cos = (z @ centroids.T.astype(np.float32)) / np.where(norms > 0, norms, 1.0)
     return tasks, cos
 

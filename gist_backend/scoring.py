@@ -8,6 +8,7 @@ rather than scoring; see ``selection``. Random is a seeded baseline.
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 
 from .gist import gist_task_scores
 from .runs import Run, RunError, read_npy
@@ -46,4 +47,24 @@ def scores(run: Run, method: str = "gist", rank: int | None = None, seed: int = 
 
 def ranking(row_scores: np.ndarray) -> np.ndarray:
     """Row order by descending score, ties broken by row number (deterministic)."""
-    return np.lexsort((np.arange(row_scores.size), -row_scores))
+    return np.argsort(-np.asarray(row_scores), kind="stable")
+
+
+def nearest_validation(run: Run, row: int, rank: int | None = None, k: int = 5) -> pl.DataFrame:
+    """The k validation examples closest to training row ``row`` (checkpoint-weighted cosine, first ``rank`` coordinates)."""
+    rank = run.k_max if rank is None else rank
+    total = np.zeros(run.val.height)
+    for c, weight in enumerate(run.ckpt_weights):
+        z = np.asarray(run.train_coords[c, row, :rank], dtype=np.float64)
+        v = np.asarray(run.val_coords[c, :, :rank], dtype=np.float64)
+        denom = np.linalg.norm(v, axis=1) * max(float(np.linalg.norm(z)), 1e-300)
+        total += weight * (v @ z) / np.where(denom > 0, denom, 1.0)
+    top = np.argsort(-total, kind="stable")[:k]
+    return pl.DataFrame(
+        {
+            "cosine": total[top],
+            "task": run.val["task"].gather(top),
+            "id": run.val["id"].gather(top),
+            "text": run.val["text"].gather(top).fill_null("").str.slice(0, 400),
+        }
+    )

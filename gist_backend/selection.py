@@ -247,8 +247,12 @@ def select(
     seed: int = 0,
     knn_k: int = 100,
     device: str | None = None,
+    row_scores: np.ndarray | None = None,
 ) -> Selection:
-    """Select ``budget`` examples by ``method`` honouring caps and edits (``edits=None`` reads the run's log)."""
+    """Select ``budget`` examples by ``method`` honouring caps and edits (``edits=None`` reads the run's log).
+
+    ``row_scores`` may pass in ``scores(run, method, rank, seed)`` already computed (the dashboard caches them).
+    """
     check_method(run, method)
     n = run.train.height
     count, warning = _resolve_budget(budget, n)
@@ -283,7 +287,9 @@ def select(
         row_scores = None
         order, chosen, capped, info = _g2is_fill(run, count, knn_k, forced_in, excluded, codes, len(names), cap, device)
     else:
-        row_scores = scores(run, method, rank, seed)
+        row_scores = scores(run, method, rank, seed) if row_scores is None else np.asarray(row_scores)
+        if row_scores.shape != (n,):
+            raise ValueError(f"row_scores has shape {row_scores.shape}, expected ({n},)")
         order = ranking(row_scores)
         chosen, capped = _fill(order, count, forced_in, excluded, codes, len(names), cap)
     position = np.full(n, n, np.int64)

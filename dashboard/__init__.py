@@ -1,0 +1,1 @@
+"""GIST Curator dashboard: thin Streamlit pages over ``gist_backend``."""

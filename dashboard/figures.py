@@ -1,0 +1,240 @@
+"""Plotly figures of the dashboard (drawing only: every number comes from the backend)."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6", "#9D755D", "#BAB0AC", "#EECA3B"]
+STATE_COLOURS = {
+    "selected": "#2E7D32",
+    "not selected": "#B0BEC5",
+    "included by hand": "#1565C0",
+    "excluded by hand": "#C62828",
+}
+MARGIN = dict(l=10, r=10, t=40, b=10)
+
+
+def _layout(fig: go.Figure, height: int, legend_below: bool = False, **kw) -> go.Figure:
+    legend = dict(orientation="h", yanchor="top", y=-0.18, x=0) if legend_below else dict(orientation="h", yanchor="bottom", y=1.02, x=0)
+    fig.update_layout(height=height, margin=MARGIN, legend=legend | dict(traceorder="normal"), **kw)
+    return fig
+
+
+def spectrum_figure(checkpoints: Sequence[dict], rank: int, k_max: int | None = None) -> go.Figure:
+    """σ_j on a log scale and cumulative energy, r90/r95/r99 and the current rank marked."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Singular values σⱼ (log scale)", "Cumulative energy Σσ²"), horizontal_spacing=0.08)
+    for i, ckpt in enumerate(checkpoints):
+        spec = ckpt["spectrum"]
+        j = np.arange(1, len(spec["sigma"]) + 1)
+        colour = PALETTE[i % len(PALETTE)]
+        name = ckpt.get("name", f"checkpoint {i}")
+        fig.add_trace(go.Scatter(x=j, y=spec["sigma"], mode="lines+markers", marker=dict(size=4), line=dict(color=colour),
+                                 name=name, legendgroup=name, hovertemplate="j=%{x}<br>σ=%{y:.4g}<extra>" + name + "</extra>"), 1, 1)  # fmt: skip
+        fig.add_trace(go.Scatter(x=j, y=spec["cumulative"], mode="lines", line=dict(color=colour), name=name, legendgroup=name,
+                                 showlegend=False, hovertemplate="r=%{x}<br>energy=%{y:.1%}<extra>" + name + "</extra>"), 1, 2)  # fmt: skip
+    last = checkpoints[-1]["spectrum"]
+    for level, dash in (("r90", "dot"), ("r95", "dash"), ("r99", "dashdot")):
+        fig.add_vline(x=last[level], line=dict(color="#888", dash=dash, width=1), row=1, col=2,
+                      annotation_text=f"{level} = {last[level]}", annotation_position="bottom right", annotation_font_size=11)  # fmt: skip
+    k_max = len(checkpoints[-1]["spectrum"]["sigma"]) if k_max is None else k_max
+    n_dirs = len(last["sigma"])
+    for col in (1, 2):
+        fig.add_vline(x=rank, line=dict(color="#E45756", width=2), row=1, col=col)
+        if k_max < n_dirs:
+            fig.add_vrect(x0=k_max + 0.5, x1=n_dirs + 0.5, fillcolor="#9E9E9E", opacity=0.12, line_width=0, row=1, col=col)
+    fig.add_annotation(x=rank, y=1.0, xref="x2", yref="paper", text=f"rank {rank}", showarrow=False, font=dict(color="#E45756"), yanchor="bottom")
+    fig.update_yaxes(type="log", row=1, col=1, title_text="σ", tickformat="~g")
+    fig.update_yaxes(range=[0, 1.02], tickformat=".0%", row=1, col=2)
+    fig.update_xaxes(title_text="direction j", row=1, col=1)
+    fig.update_xaxes(title_text="rank r", row=1, col=2)
+    return _layout(fig, 440, legend_below=True, showlegend=len(checkpoints) > 1)
+
+
+def short_module(name: str) -> str:
+    """'base_model.model.model.layers.3.self_attn.q_proj' → 'L3 q_proj'."""
+    m = re.search(r"layers?\.(\d+)\..*?([A-Za-z_0-9]+)$", name)
+    if m:
+        return f"L{m.group(1)} {m.group(2)}"
+    return name.split(".")[-1] if len(name) > 24 else name
+
+
+def rho_figure(checkpoints: Sequence[dict]) -> go.Figure:
+    """Off-diagonal energy fraction ρ per LoRA module (bars) with the overall ρ (line) per checkpoint."""
+    fig = go.Figure()
+    for i, ckpt in enumerate(checkpoints):
+        per = ckpt.get("rho_per_module", {})
+        names = list(per)
+        colour = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Bar(x=[short_module(n) for n in names], y=[per[n] for n in names], name=f"{ckpt.get('name', i)} per module",
+                             marker_color=colour, customdata=names, hovertemplate="%{customdata}<br>ρ=%{y:.3f}<extra></extra>"))  # fmt: skip
+        fig.add_trace(go.Scatter(x=[short_module(names[0]), short_module(names[-1])] if names else [], y=[ckpt["rho"]] * 2, mode="lines",
+                                 line=dict(color=colour, dash="dash"), name=f"{ckpt.get('name', i)} overall ρ = {ckpt['rho']:.3f}",
+                                 hoverinfo="name"))  # fmt: skip
+    fig.update_yaxes(range=[0, 1.05], title_text="ρ (off-diagonal energy)")
+    fig.update_layout(barmode="group", bargap=0.15)
+    return _layout(fig, 380)
+
+
+def heatmap_pair(block: np.ndarray, gist_block: np.ndarray | None, labels: Sequence[str] | None, title: str) -> go.Figure:
+    """Normalised |M_pq| of a coordinate block beside the same-size block in the GIST basis."""
+    cols = 2 if gist_block is not None else 1
+    titles = (title, f"GIST basis: top {gist_block.shape[0]} directions") if cols == 2 else (title,)
+    fig = make_subplots(rows=1, cols=cols, subplot_titles=titles, horizontal_spacing=0.06)
+    labels = list(labels) if labels is not None else [str(i) for i in range(block.shape[0])]
+    fig.add_trace(go.Heatmap(z=np.asarray(block, dtype=np.float32), x=labels, y=labels, coloraxis="coloraxis",
+                             hovertemplate="p=%{y}<br>q=%{x}<br>|M|=%{z:.3f}<extra></extra>"), 1, 1)  # fmt: skip
+    if gist_block is not None:
+        n = gist_block.shape[0]
+        names = [f"v{j + 1}" for j in range(n)]
+        fig.add_trace(go.Heatmap(z=np.asarray(gist_block, dtype=np.float32), x=names, y=names, coloraxis="coloraxis",
+                                 hovertemplate="%{y}, %{x}<br>|M|=%{z:.3f}<extra></extra>"), 1, 2)  # fmt: skip
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0, cmax=1, colorbar=dict(title="|M|/√(MppMqq)", thickness=12)))
+    fig.update_yaxes(autorange="reversed", showticklabels=False)
+    fig.update_xaxes(showticklabels=False)
+    return _layout(fig, 460)
+
+
+def bar_figure(labels: Sequence[str], values: Sequence[float], title: str, x_title: str = "", fmt: str = ".3f", height: int = 260) -> go.Figure:
+    """A plain horizontal bar chart."""
+    fig = go.Figure(go.Bar(x=list(values), y=list(labels), orientation="h", marker_color=PALETTE[0],
+                           texttemplate="%{x:" + fmt + "}", textposition="auto", hovertemplate="%{y}: %{x:" + fmt + "}<extra></extra>"))  # fmt: skip
+    fig.update_layout(title=dict(text=title, font=dict(size=14)))
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, height)
+
+
+def coords_figure(coords: np.ndarray, names: Sequence[str]) -> go.Figure:
+    """An example's coordinates on the top GIST directions, one bar series per checkpoint."""
+    fig = go.Figure()
+    j = [f"v{i + 1}" for i in range(coords.shape[1])]
+    for c, name in enumerate(names):
+        fig.add_trace(go.Bar(x=j, y=coords[c], name=name, marker_color=PALETTE[c % len(PALETTE)]))
+    fig.update_layout(barmode="group", title=dict(text="Coordinates zᵢ on the top directions", font=dict(size=14)))
+    fig.update_yaxes(title_text="zᵢⱼ = vⱼᵀgᵢ")
+    return _layout(fig, 280, showlegend=len(names) > 1)
+
+
+def map_figure(
+    xy: np.ndarray,
+    ids: np.ndarray,
+    colour: str,
+    values: np.ndarray,
+    val_xy: np.ndarray | None = None,
+    centroid_xy: np.ndarray | None = None,
+    centroid_names: Sequence[str] = (),
+    max_points: int = 60_000,
+    density_above: int = 100_000,
+    seed: int = 0,
+) -> go.Figure:
+    """The training map: points (ids in customdata) coloured by score/source/state, overlays, density above a size.
+
+    ``values`` holds scores (colour "score") or category labels (otherwise). Above ``density_above``
+    points a 2-D histogram of all points is drawn under at most ``max_points`` sampled points.
+    """
+    n = len(xy)
+    fig = go.Figure()
+    keep = np.arange(n)
+    if n > density_above:
+        counts, xe, ye = np.histogram2d(xy[:, 0], xy[:, 1], bins=160)
+        fig.add_trace(go.Heatmap(z=np.log1p(counts.T).astype(np.float32), x=(xe[:-1] + xe[1:]) / 2, y=(ye[:-1] + ye[1:]) / 2,
+                                 colorscale="Greys", showscale=False, hoverinfo="skip", name="density"))  # fmt: skip
+        keep = np.sort(np.random.default_rng(seed).choice(n, size=min(max_points, n), replace=False))
+    elif n > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+    size = 4 if len(keep) > 20_000 else 6 if len(keep) > 2_000 else 8
+    scatter = go.Scattergl if len(keep) > 3_000 else go.Scatter  # SVG is crisper and needs no WebGL for small maps
+    sub_xy, sub_ids, sub_val = xy[keep].astype(np.float32), np.asarray(ids)[keep], np.asarray(values)[keep]
+    if colour == "score":
+        fig.add_trace(scatter(x=sub_xy[:, 0], y=sub_xy[:, 1], mode="markers", name="training examples", customdata=sub_ids,
+                                   marker=dict(size=size, color=sub_val.astype(np.float32), colorscale="Viridis", opacity=0.8,
+                                               colorbar=dict(title="score", thickness=12)),
+                                   hovertemplate="%{customdata}<br>score %{marker.color:.3f}<extra></extra>"))  # fmt: skip
+    else:
+        categories = [c for c in STATE_COLOURS if c in set(sub_val)] if colour == "selection state" else sorted(set(sub_val))
+        for i, cat in enumerate(categories):
+            pick = sub_val == cat
+            colour_of = STATE_COLOURS.get(cat) if colour == "selection state" else PALETTE[i % len(PALETTE)]
+            fig.add_trace(scatter(x=sub_xy[pick, 0], y=sub_xy[pick, 1], mode="markers", name=str(cat), customdata=sub_ids[pick],
+                                       marker=dict(size=size, color=colour_of, opacity=0.8),
+                                       hovertemplate="%{customdata}<br>" + str(cat) + "<extra></extra>"))  # fmt: skip
+    if val_xy is not None and len(val_xy):
+        fig.add_trace(scatter(x=val_xy[:, 0], y=val_xy[:, 1], mode="markers", name="validation",
+                                   marker=dict(symbol="x", size=7, color="#212121", line=dict(width=1)), hoverinfo="name"))  # fmt: skip
+    if centroid_xy is not None and len(centroid_xy):
+        fig.add_trace(go.Scatter(x=centroid_xy[:, 0], y=centroid_xy[:, 1], mode="markers+text", name="sub-task centroids",
+                                 text=list(centroid_names), textposition="top center",
+                                 marker=dict(symbol="star", size=16, color="#FFD600", line=dict(color="#212121", width=1)),
+                                 hovertemplate="%{text}<extra>centroid</extra>"))  # fmt: skip
+    fig.update_layout(dragmode="lasso", uirevision="map", legend=dict(itemsizing="constant"))
+    fig.update_xaxes(showticklabels=False, title_text="UMAP 1", showgrid=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, title_text="UMAP 2", showgrid=False, zeroline=False)
+    return _layout(fig, 620)
+
+
+def jaccard_figure(methods: Sequence[str], matrix: np.ndarray) -> go.Figure:
+    """Overlap (Jaccard) of the methods' selections at the same budget."""
+    fig = go.Figure(go.Heatmap(z=matrix, x=list(methods), y=list(methods), zmin=0, zmax=1, colorscale="Blues",
+                               texttemplate="%{z:.2f}", hovertemplate="%{y} vs %{x}: %{z:.3f}<extra></extra>",
+                               colorbar=dict(title="Jaccard", thickness=12)))  # fmt: skip
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, 340)
+
+
+def scatter_figure(x: np.ndarray, y: np.ndarray, x_name: str, y_name: str, groups: np.ndarray | None = None,
+                   group_names: tuple[str, str] = ("in set", "not in set"), max_points: int = 20_000, seed: int = 0) -> go.Figure:  # fmt: skip
+    """Score against score (sampled), optionally split into two groups (e.g. G2IS membership)."""
+    n = len(x)
+    keep = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False)) if n > max_points else np.arange(n)
+    fig = go.Figure()
+    if groups is None:
+        fig.add_trace(go.Scattergl(x=x[keep].astype(np.float32), y=y[keep].astype(np.float32), mode="markers", name="examples",
+                                   marker=dict(size=4, color=PALETTE[0], opacity=0.5)))  # fmt: skip
+    else:
+        for flag, name, colour in ((False, group_names[1], "#B0BEC5"), (True, group_names[0], "#E45756")):
+            pick = keep[groups[keep] == flag]
+            fig.add_trace(go.Scattergl(x=x[pick].astype(np.float32), y=y[pick].astype(np.float32), mode="markers", name=name,
+                                       marker=dict(size=4 if not flag else 6, color=colour, opacity=0.6)))  # fmt: skip
+    fig.update_xaxes(title_text=x_name)
+    fig.update_yaxes(title_text=y_name)
+    return _layout(fig, 420)
+
+
+def source_mix_figure(mix: dict[str, dict[str, float]]) -> go.Figure:
+    """Share of each source in each selection (stacked horizontal bars)."""
+    sources = sorted({s for shares in mix.values() for s in shares})
+    fig = go.Figure()
+    for i, source in enumerate(sources):
+        fig.add_trace(go.Bar(y=list(mix), x=[mix[m].get(source, 0.0) for m in mix], name=source, orientation="h",
+                             marker_color=PALETTE[i % len(PALETTE)], hovertemplate=source + ": %{x:.1%}<extra>%{y}</extra>"))  # fmt: skip
+    fig.update_layout(barmode="stack")
+    fig.update_xaxes(tickformat=".0%", range=[0, 1])
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, 120 + 45 * len(mix))
+
+
+def histogram_figure(values: np.ndarray, reference: np.ndarray | None, x_title: str) -> go.Figure:
+    """Distribution of a quantity in the selection (and in the pool, for reference)."""
+    fig = go.Figure()
+    span = np.asarray(reference if reference is not None and len(reference) else values, dtype=np.float64)
+    lo, hi = (float(span.min()), float(span.max())) if span.size else (0.0, 1.0)
+    bins = dict(start=lo, end=hi + 1e-9, size=max((hi - lo) / 40, 1e-9))
+    if reference is not None:
+        fig.add_trace(go.Histogram(x=np.asarray(reference, dtype=np.float32), name="pool", histnorm="probability",
+                                   marker_color="#B0BEC5", opacity=0.6, xbins=bins))  # fmt: skip
+    fig.add_trace(go.Histogram(x=np.asarray(values, dtype=np.float32), name="selection", histnorm="probability",
+                               marker_color=PALETTE[0], opacity=0.75, xbins=bins))  # fmt: skip
+    fig.update_layout(barmode="overlay")
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text="share", tickformat=".0%")
+    return _layout(fig, 300)
+
+
+def figure_bytes(fig: go.Figure) -> int:
+    """Size of the figure's JSON as sent to the browser."""
+    return len(fig.to_json().encode())

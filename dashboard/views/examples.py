@@ -1,0 +1,157 @@
+"""Examples: the ranked pool with search and filters, a detail pane, and include / exclude / reset."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import streamlit as st
+
+from dashboard import figures, filters, state, ui
+
+PAGE_SIZES = (100, 250, 500, 1000)
+DETAIL_TABS = ("Conversation", "Sub-tasks", "Nearest", "Coordinates", "Raw")
+
+run = ui.require_run()
+method = state.method(run)
+ui.header("Examples", f"The pool ranked by {state.METHOD_LABELS[state.score_method(method)]} at rank {state.rank()}: search, filter, inspect and override the selection.")
+if method == "g2is":
+    st.caption("G2IS selects a set rather than a ranking: rows are ordered by their GIST score and *included* marks the G2IS set.")
+
+scores = state.scores(run, state.score_method(method))
+order, positions = state.ordering(run, method)
+tasks = state.best_task(run)
+try:
+    selected = state.selected_mask(run)
+except ValueError as err:  # e.g. more forced includes than the budget: keep the table usable to fix it
+    state.show_error(err, "No selection at these settings")
+    selected = np.zeros(run.train.height, dtype=bool)
+edit_state = state.edit_state(run)
+
+# ---------------------------------------------------------------- filters
+ss = st.session_state
+lo_score, hi_score = (0.0, 1.0) if state.score_method(method) == "random" else (-1.0, 1.0)
+lengths = run.train["n_tokens"]
+lo_len, hi_len = int(lengths.min()), max(int(lengths.max()), int(lengths.min()) + 1)
+ss["f_score"] = tuple(float(np.clip(v, lo_score, hi_score)) for v in ss.get("f_score", (lo_score, hi_score)))
+ss["f_length"] = tuple(int(np.clip(v, lo_len, hi_len)) for v in ss.get("f_length", (lo_len, hi_len)))
+with st.container(border=True):
+    c = st.columns([3, 1, 2], vertical_alignment="bottom")
+    c[0].text_input("Search text", key="f_text", placeholder="Search text or id (substring, or a regular expression)", label_visibility="collapsed")
+    c[1].toggle("Regex", key="f_regex")
+    c[2].selectbox("Selection state", filters.STATES, key="f_state", label_visibility="collapsed", format_func=lambda s: f"Show: {s}")
+    c = st.columns(4)
+    c[0].multiselect("Source", sorted(run.train["source"].unique().to_list()), key="f_sources", placeholder="all sources")
+    c[1].multiselect("Sub-task", sorted(set(run.val_tasks)), key="f_tasks", placeholder="all sub-tasks",
+                     help="The sub-task each example aligns with most (GIST, current rank).")  # fmt: skip
+    c[2].slider("Score", lo_score, hi_score, key="f_score", step=0.01)
+    c[3].slider("Length (tokens)", lo_len, hi_len, key="f_length")
+
+flt = filters.ExampleFilter(
+    text=ss.get("f_text", "").strip(),
+    regex=bool(ss.get("f_regex")),
+    sources=tuple(ss.get("f_sources", ())),
+    tasks=tuple(ss.get("f_tasks", ())),
+    score_range=None if tuple(ss["f_score"]) == (lo_score, hi_score) else tuple(ss["f_score"]),
+    length_range=None if tuple(ss["f_length"]) == (lo_len, hi_len) else tuple(ss["f_length"]),
+    state=ss.get("f_state", "all"),
+)
+try:
+    hits = state.text_hits(run, flt.text, flt.regex)
+except ValueError as err:
+    state.show_error(err)
+    hits = np.zeros(run.train.height, dtype=bool)
+mask = filters.filter_mask(run.train, scores, tasks, selected, edit_state, flt, hits)
+rows = filters.ranked_rows(order, mask)
+
+# ---------------------------------------------------------------- bulk actions
+bulk = st.columns([3, 1, 1, 1], vertical_alignment="center")
+bulk[0].markdown(f"**{len(rows):,}** of {run.train.height:,} examples match ({flt.label()}) · **{int(selected[rows].sum()):,}** of them selected")
+origin = flt.describe() | {"rank": state.rank(), "method": method}
+for col, op, icon in zip(bulk[1:], ("include", "exclude", "reset"), (":material/add_circle:", ":material/remove_circle:", ":material/restart_alt:")):
+    if col.button(f"{op.capitalize()} all {len(rows):,}", key=f"bulk_{op}", icon=icon, disabled=not len(rows), width="stretch",
+                  help=f"{op.capitalize()} every example matching the current filter (recorded with the filter; undo in the sidebar)."):  # fmt: skip
+        n = state.add_edit(run, op, run.train["id"].gather(rows.astype(np.int64)).to_list(), "filter", origin)
+        st.toast(f"{op}: {n:,} examples")
+        st.rerun()
+
+# ---------------------------------------------------------------- table + detail
+left, right = st.columns([5, 3], gap="medium")
+with left:
+    p = st.columns([1, 1, 2], vertical_alignment="bottom")
+    size = p[0].selectbox("Rows per page", PAGE_SIZES, key="page_size")
+    pages = max(1, -(-len(rows) // size))
+    page = p[1].number_input("Page", 1, pages, 1, key=f"page_{pages}")
+    start = (page - 1) * size
+    view = rows[start : start + size]
+    p[2].caption(f"Ranks {start + 1:,}–{start + len(view):,} of the {len(rows):,} matching")
+    table = filters.ranked_table(run.train, view, positions, scores, tasks, selected, edit_state)
+    table_key = "tbl_" + hashlib.sha1(repr((flt, state.rank(), method, page, size)).encode()).hexdigest()[:10]
+    event = st.dataframe(
+        table,
+        key=table_key,
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="single-row",
+        height=560,
+        width="stretch",
+        column_config={
+            "rank": st.column_config.NumberColumn("rank", width="small"),
+            "score": st.column_config.ProgressColumn("score", format="%.3f", min_value=lo_score, max_value=hi_score, width="small"),
+            "included": st.column_config.CheckboxColumn("included?", width="small"),
+            "length": st.column_config.NumberColumn("length", width="small"),
+            "edit": st.column_config.TextColumn("edit", width="small", help="Set by hand: include / exclude"),
+            "source": st.column_config.TextColumn("source", width="small"),
+            "task": st.column_config.TextColumn("task", width="small", help="Sub-task the example aligns with most"),
+            "text": st.column_config.TextColumn("text", width="large"),
+        },
+    )
+    picked = event["selection"]["rows"] if event else []
+    if picked:
+        ss["detail_id"] = table["id"][picked[0]]
+    elif ss.get("detail_id") is None and table.height:
+        ss["detail_id"] = table["id"][0]
+
+with right:
+    detail = ss.get("detail_id")
+    row = state.row_of(run, detail) if detail else None
+    if row is None:
+        st.info("Select a row in the table to see the example.")
+    else:
+        with st.container(border=True):
+            status = edit_state.get(detail)
+            st.markdown(f"#### `{detail}`")
+            st.caption(
+                f"rank {positions[row] + 1:,} · score {scores[row]:.4f} · source {run.train['source'][row]} · "
+                f"{run.train['n_tokens'][row]} tokens · {'**selected**' if selected[row] else 'not selected'}"
+                + (f" · {status}d by hand" if status else "")
+            )
+            b = st.columns(3)
+            for col, op in zip(b, ("include", "exclude", "reset")):
+                if col.button(op.capitalize(), key=f"row_{op}", width="stretch", type="primary" if op == "include" else "secondary",
+                              disabled=(op == "reset" and not status)):  # fmt: skip
+                    state.add_edit(run, op, [detail], "row", detail)
+                    st.toast(f"{op}: {detail}")
+                    st.rerun()
+            tab = st.segmented_control("Show", DETAIL_TABS, key="detail_tab", required=True, label_visibility="collapsed", width="stretch")
+            if tab == "Conversation":
+                with st.container(height=420, border=False, autoscroll=False):
+                    for role, content in state.conversation(run.train["text"][row]):
+                        with st.chat_message("assistant" if role == "assistant" else "user", avatar=":material/settings:" if role == "system" else None):
+                            st.caption(role)
+                            st.text(content)
+            elif tab == "Sub-tasks":
+                names, per_task = state.task_scores(run)
+                st.plotly_chart(figures.bar_figure(names, per_task[row], "Cosine to each sub-task centroid", "cosine"), key="detail_tasks")
+                st.caption("The GIST score is the largest of these cosines (checkpoint-weighted, first r coordinates).")
+            elif tab == "Nearest":
+                st.dataframe(state.nearest_validation(run, row, state.rank()), hide_index=True, width="stretch",
+                             column_config={"cosine": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
+                st.caption("Validation examples whose coordinates point the same way as this example's (cosine over the first r directions).")
+            elif tab == "Coordinates":
+                k = min(state.rank(), 24)
+                names = [c.get("name", f"ckpt {i}") for i, c in enumerate(run.manifest.get("checkpoints", []))] or [f"ckpt {i}" for i in range(run.train_coords.shape[0])]
+                st.plotly_chart(figures.coords_figure(np.asarray(run.train_coords[:, row, :k]), names), key="detail_coords")
+                st.caption(f"The example's gradient projected on the first {k} GIST directions (ordered by singular value).")
+            else:
+                st.code(run.train["raw"][row], language="json", wrap_lines=True)

@@ -1,0 +1,356 @@
+"""Dashboard views under Streamlit's AppTest (no browser), on a tiny synthetic run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from gist_backend import scoring  # noqa: E402
+from gist_backend.runs import open_run  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+VIEWS = ("runs", "spectrum", "coupling", "examples", "map", "compare", "export")
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """A tiny complete run with every method (built once per module)."""
+    from gist_backend.synthetic import synthetic_run
+
+    root = tmp_path_factory.mktemp("dash-runs")
+    return Path(synthetic_run(root / "tiny", n_train=240, n_val=30, n_tasks=3, k_max=16, n_ckpt=2, n_sources=4,
+                              methods=("gist", "less", "g2is"), seed=3))  # fmt: skip
+
+
+@pytest.fixture
+def run_dir(base_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny run (edits write into it)."""
+    target = tmp_path / "run"
+    shutil.copytree(base_run, target)
+    return target
+
+
+def app(run_dir: Path | None, monkeypatch: pytest.MonkeyPatch, view: str = "runs") -> AppTest:
+    """An AppTest of the dashboard with ``run_dir`` open, showing ``view``."""
+    monkeypatch.delenv("GIST_RUN_DIR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    if run_dir is not None:
+        at.session_state["run_dir"] = str(run_dir)
+    at.run()
+    if view != "runs":
+        at.switch_page(f"views/{view}.py").run()
+    assert_clean(at)
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    """No uncaught exception and no error box."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def table_ids(at: AppTest) -> list[str]:
+    """Ids of the Examples table, top first."""
+    return list(at.dataframe[0].value["id"])
+
+
+def button(at: AppTest, label_start: str):
+    """The first button whose label starts with ``label_start``."""
+    for b in at.button:
+        if b.label.startswith(label_start):
+            return b
+    raise AssertionError(f"no button {label_start!r} in {[b.label for b in at.button]}")
+
+
+def wait_for_map(at: AppTest, timeout: float = 240) -> None:
+    """Rerun until the background UMAP has finished and the map is drawn."""
+    deadline = time.time() + timeout
+    while not at.get("plotly_chart"):
+        assert time.time() < deadline, "the map was not drawn in time"
+        assert_clean(at)
+        time.sleep(1)
+        at.run()
+
+
+def export_ids(at: AppTest, path: Path) -> list[str]:
+    """Write the selection from the Export view to ``path`` and return the exported ids."""
+    at.switch_page("views/export.py").run()
+    at.text_input(key="export_path").set_value(str(path))
+    button(at, "Write").click().run()
+    assert_clean(at)
+    return [json.loads(line)["id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- every view
+
+
+def test_every_view_renders(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = app(run_dir, monkeypatch)
+    titles = []
+    for view in VIEWS[1:]:
+        at.switch_page(f"views/{view}.py").run()
+        assert_clean(at)
+        if view == "map":
+            wait_for_map(at)
+        titles.append(at.title[0].value)
+    assert titles == ["Spectrum", "Coupling", "Examples", "Map", "Compare", "Export"]
+    assert "G2IS" in " ".join(c.value for c in at.switch_page("views/compare.py").run().caption)
+
+
+def test_no_run_open_points_to_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    at = app(None, monkeypatch, "spectrum")
+    assert any("No run is open" in i.value for i in at.info)
+
+
+def test_broken_run_shows_reason_not_trace(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = run_dir / "train_coords.npy"
+    path.write_bytes(path.read_bytes()[:100])
+    monkeypatch.delenv("GIST_RUN_DIR", raising=False)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.session_state["run_dir"] = str(run_dir)
+    at.run()
+    at.switch_page("views/examples.py").run()
+    assert not at.exception
+    assert any("train_coords.npy" in e.value for e in at.error)
+
+
+# ---------------------------------------------------------------- rank slider
+
+
+def test_rank_slider_changes_top_order_as_backend(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = open_run(run_dir)
+    at = app(run_dir, monkeypatch, "examples")
+    ids = run.train["id"].to_numpy()
+    seen = []
+    for rank in (1, 4, run.k_max):
+        at.sidebar.slider(key="rank").set_value(rank).run()
+        assert_clean(at)
+        expected = ids[scoring.ranking(scoring.scores(run, "gist", rank))][:20].tolist()
+        assert table_ids(at)[:20] == expected
+        seen.append(tuple(expected))
+    assert len(set(seen)) > 1, "fixture too easy: the rank does not change the order"
+    at.switch_page("views/spectrum.py").run()
+    assert at.metric[0].value == str(run.k_max)  # the slider is shared by every view
+
+
+# ---------------------------------------------------------------- filters
+
+
+def test_filters(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = open_run(run_dir)
+    at = app(run_dir, monkeypatch, "examples")
+    texts = run.train["text"].to_list()
+    word = "python"
+    at.text_input(key="f_text").set_value(word).run()
+    expected = sum(word in t.lower() for t in texts)
+    assert 0 < expected < run.train.height
+    assert len(table_ids(at)) == min(expected, 100)
+    assert f"**{expected:,}** of" in at.markdown[0].value or any(f"**{expected:,}** of" in m.value for m in at.markdown)
+    # regex, case-insensitive
+    at.text_input(key="f_text").set_value(r"pyth(on|ons)\b").run()
+    at.toggle(key="f_regex").set_value(True).run()
+    assert_clean(at)
+    assert len(table_ids(at)) > 0
+    # invalid regex: an error message, no exception
+    at.text_input(key="f_text").set_value("(unclosed").run()
+    assert not at.exception and any("invalid regular expression" in e.value for e in at.error)
+    at.text_input(key="f_text").set_value("").run()
+    at.toggle(key="f_regex").set_value(False).run()
+    # source facet
+    source = run.train["source"][0]
+    at.multiselect(key="f_sources").set_value([source]).run()
+    shown = at.dataframe[0].value
+    assert set(shown["source"]) == {source}
+    assert len(shown) == min(int((run.train["source"] == source).sum()), 100)
+    # score and length ranges
+    at.multiselect(key="f_sources").set_value([]).run()
+    at.slider(key="f_score").set_value((0.2, 1.0)).run()
+    scores = at.dataframe[0].value["score"]
+    assert (scores >= 0.2).all()
+    lengths = run.train["n_tokens"].to_numpy()
+    lo, hi = int(np.percentile(lengths, 25)), int(np.percentile(lengths, 75))
+    at.slider(key="f_score").set_value((-1.0, 1.0)).run()
+    at.slider(key="f_length").set_value((lo, hi)).run()
+    shown = at.dataframe[0].value
+    assert ((shown["length"] >= lo) & (shown["length"] <= hi)).all()
+    assert len(shown) == min(int(((lengths >= lo) & (lengths <= hi)).sum()), 100)
+
+
+# ---------------------------------------------------------------- edits, export, undo
+
+
+def test_include_exclude_change_the_export(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from gist_backend.curation import load_edits
+
+    run = open_run(run_dir)
+    at = app(run_dir, monkeypatch, "examples")
+    before = export_ids(at, tmp_path / "before.jsonl")
+    assert len(before) == round(0.05 * run.train.height)
+    at.switch_page("views/examples.py").run()
+    top = table_ids(at)[0]
+    assert top in before
+    # one row: the detail pane shows the top row; exclude it
+    at.button(key="row_exclude").click().run()
+    assert_clean(at)
+    # every row matching a filter: include the last-ranked example by searching its id text
+    last = run.train["id"][int(scoring.ranking(scoring.scores(run, "gist", run.k_max))[-1])]
+    assert last not in before
+    at.text_input(key="f_text").set_value(run.train.filter(run.train["id"] == last)["text"][0][:60]).run()
+    assert last in table_ids(at)
+    button(at, "Include all").click().run()
+    assert_clean(at)
+    edits = load_edits(run_dir)
+    assert [e["op"] for e in edits] == ["exclude", "include"]
+    assert edits[0]["ids"] == [top] and edits[0]["origin"]["kind"] == "row"
+    assert last in edits[1]["ids"] and edits[1]["origin"]["kind"] == "filter" and edits[1]["origin"]["detail"]["text"]
+    after = export_ids(at, tmp_path / "after.jsonl")
+    assert top not in after and last in after
+
+
+def test_edits_persist_and_undo_step_by_step(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gist_backend.curation import load_edits
+
+    at = app(run_dir, monkeypatch, "examples")
+    first = table_ids(at)[:2]
+    at.button(key="row_exclude").click().run()  # top row
+    at.text_input(key="f_text").set_value(first[1]).run()
+    button(at, "Exclude all").click().run()
+    assert len(load_edits(run_dir)) == 2
+    # a new session (browser reload / server restart) sees the same edits
+    again = app(run_dir, monkeypatch, "examples")
+    assert "Curation edits: **2**" in " ".join(c.value for c in again.sidebar.caption)
+    shown = again.dataframe[0].value.set_index("id")
+    assert shown.loc[first[0], "edit"] == "exclude" and not shown.loc[first[0], "included"]
+    button(again, "Undo last edit").click().run()
+    assert [e["ids"] for e in load_edits(run_dir)] == [[first[0]]]
+    button(again, "Undo last edit").click().run()
+    assert load_edits(run_dir) == []
+    assert button(again, "Undo last edit").disabled
+
+
+# ---------------------------------------------------------------- map selection
+
+
+def test_map_selection_from_session_state(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from gist_backend.curation import load_edits
+
+    run = open_run(run_dir)
+    at = app(run_dir, monkeypatch, "map")
+    wait_for_map(at)
+    before = export_ids(at, tmp_path / "before.jsonl")
+    chosen = before[:3] + run.train["id"][-2:].to_list()
+    event = {"selection": {"points": [{"customdata": i, "curve_number": 0, "point_index": 99} for i in chosen],
+                           "point_indices": [99] * len(chosen), "box": [], "lasso": [{"x": [0, 1, 1], "y": [0, 0, 1]}]}}  # fmt: skip
+    at.switch_page("views/map.py").run()
+    wait_for_map(at)
+    at.session_state["map_chart"] = event
+    at.run()
+    assert_clean(at)
+    assert any(f"**{len(chosen)} examples**" in m.value for m in at.markdown)
+    at.button(key="map_exclude").click().run()
+    assert_clean(at)
+    edits = load_edits(run_dir)
+    assert edits[-1]["op"] == "exclude" and sorted(edits[-1]["ids"]) == sorted(chosen)
+    assert edits[-1]["origin"]["kind"] == "map"
+    after = export_ids(at, tmp_path / "after.jsonl")
+    assert not set(chosen) & set(after) and len(after) == len(before)
+
+
+# ---------------------------------------------------------------- export, compare, runs
+
+
+def test_budget_and_caps_drive_the_export(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    run = open_run(run_dir)
+    at = app(run_dir, monkeypatch, "export")
+    at.sidebar.segmented_control(key="budget_mode").set_value("count").run()
+    at.sidebar.number_input(key="budget_count").set_value(40).run()
+    assert len(export_ids(at, tmp_path / "forty.jsonl")) == 40
+    at.toggle(key="cap_on").set_value(True).run()
+    at.segmented_control(key="cap_mode").set_value("count").run()
+    at.number_input(key="cap_count").set_value(5).run()
+    ids = export_ids(at, tmp_path / "capped.jsonl")
+    sources = dict(zip(run.train["id"].to_list(), run.train["source"].to_list()))
+    counts = {s: sum(sources[i] == s for i in ids) for s in set(sources.values())}
+    assert max(counts.values()) <= 5
+    assert at.metric[0].value == str(len(ids))
+
+
+def test_compare_shows_g2is_as_a_set(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = app(run_dir, monkeypatch, "compare")
+    assert len(at.get("plotly_chart")) >= 3
+    table = at.dataframe[-1].value
+    assert dict(zip(table["method"], table["kind"]))["G2IS"] == "set"
+
+
+def test_compute_form_validation_and_job_lifecycle(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from dashboard import jobs
+
+    at = app(run_dir, monkeypatch)
+    submit = [b for b in at.button if b.label == "Start computing"][0]
+    submit.click().run()
+    assert not at.exception and any("Give a model" in e.value for e in at.error)
+    # a job whose inputs do not exist fails with the reason, not a trace
+    opts = jobs.ComputeOptions(model="no-such-model", train=[str(tmp_path / "missing.jsonl")], val=[str(tmp_path / "missing-val.jsonl")])
+    assert jobs.compute_command(opts, tmp_path / "r")[:4] == [sys.executable, "-m", "gist_backend.cli", "compute"]
+    job_dir = tmp_path / "runs" / "bad"
+    jobs.launch(opts, job_dir)
+    deadline = time.time() + 120
+    while jobs.job_status(job_dir).state == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    status = jobs.job_status(job_dir)
+    assert status.state in ("failed", "stopped") and status.error
+    # cancel: a stand-in process that looks like a compute is stopped through its process group
+    import subprocess
+
+    fake = tmp_path / "runs" / "slow"
+    fake.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "gist_backend.cli", "compute"], start_new_session=True)
+    (fake / jobs.PID_FILE).write_text(str(proc.pid))
+    assert jobs.job_status(fake).state == "running"
+    assert jobs.cancel(fake)
+    proc.wait(timeout=10)
+    assert jobs.job_status(fake).state == "cancelled"
+
+
+# ---------------------------------------------------------------- helpers without Streamlit
+
+
+def test_map_figure_density_mode_keeps_ids_in_customdata() -> None:
+    from dashboard.figures import figure_bytes, map_figure
+    from dashboard.filters import points_in_region
+
+    rng = np.random.default_rng(0)
+    xy = rng.normal(size=(3000, 2)).astype(np.float32)
+    ids = np.array([f"ex-{i}" for i in range(3000)], dtype=object)
+    fig = map_figure(xy, ids, "score", rng.random(3000), xy[:5], xy[:2], ["a", "b"], max_points=500, density_above=1000)
+    kinds = [t.type for t in fig.data]
+    assert kinds[0] == "heatmap"  # density of every point under the sampled overlay
+    drawn = [t for t in fig.data if t.customdata is not None]
+    assert sum(len(t.customdata) for t in drawn) == 500
+    assert set(drawn[0].customdata) <= set(ids)
+    small = map_figure(xy[:800], ids[:800], "source", np.array(["s1", "s2"] * 400, dtype=object))
+    assert "heatmap" not in [t.type for t in small.data] and sum(len(t.customdata) for t in small.data if t.customdata is not None) == 800
+    assert figure_bytes(small) < 1_000_000
+    box = points_in_region(xy, {"kind": "box", "x": [0, 1], "y": [0, 1]})
+    assert box.sum() == int(((xy >= 0) & (xy <= 1)).all(axis=1).sum())
+    lasso = points_in_region(xy, {"kind": "lasso", "x": [0, 1, 1, 0], "y": [0, 0, 1, 1]})
+    assert (lasso == box).mean() > 0.99
+
+
+def test_selection_ids_read_dict_style() -> None:
+    from dashboard.state import selection_ids
+
+    event = {"selection": {"points": [{"customdata": "a"}, {"customdata": ["b", 1]}, {"customdata": "a"}, {"x": 1}], "box": [], "lasso": []}}
+    assert selection_ids(event) == ["a", "b"]
+    assert selection_ids({"selection": {"points": []}}) == [] and selection_ids(None) == []

@@ -1,0 +1,226 @@
+"""End to end in a real browser (Debian chromium via Playwright): rank slider, map lasso, exclude, export.
+
+Screenshots of every view are saved under ``test-artifacts/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "dashboard" / "app.py"
+ARTIFACTS = ROOT / "test-artifacts"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium (apt-get install chromium)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> Path:
+    """A demo-sized synthetic run with every method."""
+    from gist_backend.synthetic import synthetic_run
+
+    root = tmp_path_factory.mktemp("browser-runs")
+    return Path(synthetic_run(root / "demo", n_train=300, n_val=40, n_tasks=3, k_max=32, n_ckpt=2, n_sources=4,
+                              methods=("gist", "less", "g2is"), seed=1))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(demo_run: Path):
+    """`streamlit run dashboard/app.py` on a free loopback port, opened on the demo run."""
+    port = _free_port()
+    env = os.environ | {"GIST_CACHE": str(demo_run.parent), "PYTHONUNBUFFERED": "1"}
+    env.pop("GIST_RUN_DIR", None)
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / "streamlit-server.log", "wb")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.address", "127.0.0.1",
+           "--server.port", str(port), "--browser.gatherUsageStats", "false", "--", "--run-dir", str(demo_run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited early; see {ARTIFACTS / 'streamlit-server.log'}")
+    else:
+        proc.terminate()
+        raise RuntimeError("streamlit did not become healthy within 90 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def wait_idle(page, timeout: float = 120) -> None:
+    """Wait until the app's script run has finished and no element is stale."""
+    app = page.locator('[data-testid="stApp"]')
+    page.wait_for_timeout(250)
+    deadline = time.time() + timeout
+    quiet = 0
+    while time.time() < deadline:
+        busy = app.get_attribute("data-test-script-state") != "notRunning" or page.locator('[data-stale="true"]').count()
+        quiet = 0 if busy else quiet + 1
+        if quiet >= 3:
+            return
+        page.wait_for_timeout(150)
+    raise AssertionError("the app did not become idle")
+
+
+def goto_view(page, title: str) -> None:
+    """Switch view with the sidebar navigation (same session, so the shared state is kept)."""
+    page.locator('[data-testid="stSidebarNav"]').get_by_text(title, exact=True).click()
+    page.wait_for_selector(f'h1:has-text("{title}")', timeout=60_000)
+    wait_idle(page)
+
+
+def shot(page, name: str) -> None:
+    """Screenshot of the whole view (the viewport is stretched to the page's height) into test-artifacts/."""
+    height = page.evaluate("() => (document.querySelector('[data-testid=\"stMain\"]') || document.body).scrollHeight")
+    page.set_viewport_size({"width": 1500, "height": int(min(max(1000, height + 40), 4000))})
+    page.wait_for_timeout(600)
+    wait_idle(page)
+    page.screenshot(path=str(ARTIFACTS / f"dashboard-{name}.png"))
+    page.set_viewport_size({"width": 1500, "height": 1000})
+    page.wait_for_timeout(300)
+
+
+SLIDER = '[data-testid="stSidebar"] [data-testid="stSlider"] input[type="range"]'
+
+
+def sidebar_rank(page) -> int:
+    """The value of the sidebar rank slider."""
+    return int(page.locator(SLIDER).first.input_value())
+
+
+def test_browser_end_to_end(server: str, demo_run: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from gist_backend import scoring
+    from gist_backend.curation import load_edits
+    from gist_backend.runs import open_run
+    from gist_backend.selection import select
+
+    run = open_run(demo_run)
+    ids = run.train["id"].to_numpy()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        context = browser.new_context(viewport={"width": 1500, "height": 1000}, accept_downloads=True)
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        try:
+            page.goto(server)
+            page.wait_for_selector('h1:has-text("Runs")')
+            wait_idle(page)
+            assert page.get_by_text("demo", exact=False).count()
+            shot(page, "1-runs")
+
+            # rank slider: Home → 1, then 3 steps right → 4
+            goto_view(page, "Spectrum")
+            assert sidebar_rank(page) == run.k_max
+            thumb = page.locator(SLIDER).first
+            thumb.focus()
+            thumb.press("Home")
+            wait_idle(page)
+            for _ in range(3):
+                thumb.press("ArrowRight")
+                wait_idle(page)
+            assert sidebar_rank(page) == 4
+            assert page.locator('[data-testid="stMetricValue"]').first.inner_text().strip() == "4"
+            shot(page, "2-spectrum")
+
+            goto_view(page, "Coupling")
+            page.wait_for_selector(".js-plotly-plot")
+            shot(page, "3-coupling")
+
+            # the Examples detail pane opens on the top example, which must be the backend's top at rank 4
+            goto_view(page, "Examples")
+            expected_top = ids[scoring.ranking(scoring.scores(run, "gist", 4))[0]]
+            page.wait_for_selector(f'h4:has-text("{expected_top}")')
+            page.wait_for_selector('[data-testid="stDataFrame"]')
+            page.wait_for_timeout(800)
+            shot(page, "4-examples")
+
+            # map: lasso the middle of the plot, then exclude that region
+            goto_view(page, "Map")
+            plot = page.locator(".js-plotly-plot").first
+            plot.wait_for(timeout=240_000)  # the first UMAP runs in the background (numba compiles on first use)
+            wait_idle(page)
+            page.wait_for_timeout(1000)
+            drag = page.locator(".js-plotly-plot .nsewdrag").first
+            box = drag.bounding_box()
+            assert box, "plotly drag layer not found"
+            x0, y0, w, h = box["x"], box["y"], box["width"], box["height"]
+            polygon = [(0.2, 0.2), (0.8, 0.2), (0.8, 0.8), (0.2, 0.8), (0.21, 0.25)]
+            page.mouse.move(x0 + polygon[0][0] * w, y0 + polygon[0][1] * h)
+            page.mouse.down()
+            for fx, fy in polygon[1:]:
+                page.mouse.move(x0 + fx * w, y0 + fy * h, steps=12)
+            page.mouse.up()
+            region = page.get_by_text(re.compile(r"[\d,]+ examples in the region"))
+            region.wait_for(timeout=60_000)
+            wait_idle(page)
+            count = int(re.match(r"([\d,]+)", region.inner_text()).group(1).replace(",", ""))
+            assert 0 < count < run.train.height
+            shot(page, "5-map-lasso")
+            before = set(select(run, method="gist", rank=4, budget="5%", edits=[]).ids)
+            page.get_by_role("button", name=re.compile(rf"^Exclude {count:,}$")).click()
+            page.get_by_text("Curation edits: 1", exact=False).wait_for(timeout=60_000)
+            wait_idle(page)
+            edits = load_edits(demo_run)
+            assert len(edits) == 1 and edits[0]["op"] == "exclude" and edits[0]["origin"]["kind"] == "map"
+            excluded = set(edits[0]["ids"])
+            assert len(excluded) == count
+            assert excluded & before, "the lasso caught no selected example; the region is too small to test the export"
+            shot(page, "6-map-after-exclude")
+
+            goto_view(page, "Compare")
+            page.wait_for_selector(".js-plotly-plot")
+            shot(page, "7-compare")
+
+            # export: download the JSONL and check it against the backend's selection with the edits applied
+            goto_view(page, "Export")
+            shot(page, "8-export")
+            with page.expect_download(timeout=60_000) as info:
+                page.get_by_role("button", name=re.compile("Download JSONL")).click()
+            target = ARTIFACTS / "dashboard-export.jsonl"
+            info.value.save_as(str(target))
+        finally:
+            context.close()
+            browser.close()
+
+    records = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines() if line.strip()]
+    exported = [r["id"] for r in records]
+    expected = select(run, method="gist", rank=4, budget="5%", edits=load_edits(demo_run))
+    assert exported == expected.ids
+    assert len(exported) == round(0.05 * run.train.height)
+    assert not excluded & set(exported)
+    raws = dict(zip(run.train["id"].to_list(), run.train["raw"].to_list()))
+    assert all(json.loads(raws[r["id"]]) == r for r in records)
