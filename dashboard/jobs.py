@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gist_backend.safety import check_cli_value
+
 PID_FILE = "compute.pid"
 LOG_FILE = "compute.log"
 PROGRESS_FILE = "progress.json"
@@ -60,6 +62,15 @@ class ComputeOptions:
             out.append("Choose at least one method.")
         if self.methods and "gist" not in self.methods:
             out.append("GIST is always computed; keep it among the methods.")
+        # Values travel as separate arguments (never through a shell), but one starting with "-" would still be
+        # read as an option by the compute command line.
+        for what, values in (("model", [self.model]), ("pool file", self.train), ("validation file", self.val),
+                             ("adapter", [self.adapter]), ("LoRA targets", [self.lora_targets])):  # fmt: skip
+            for value in values:
+                try:
+                    check_cli_value(value, what)
+                except ValueError as err:
+                    out.append(str(err))
         return out
 
 

@@ -72,13 +72,35 @@ def init_session() -> None:
             ss[key] = ss[key]
 
 
+def allowed_roots() -> list[Path]:
+    """Folders the dashboard may read runs from and write exports to (plus the run named at start-up)."""
+    from gist_backend.safety import allowed_roots as roots
+
+    given = cli_run_dir()
+    return roots(extra=[given] if given else [])
+
+
+def allowed_path(path: str | Path, *, must_exist: bool = False) -> Path:
+    """A user-typed folder resolved and checked against the allowed roots (PermissionError outside them)."""
+    from gist_backend.safety import resolve_allowed
+
+    return resolve_allowed(path, allowed_roots(), must_exist=must_exist)
+
+
+def allowed_export_path(path: str | Path) -> Path:
+    """A user-typed export file path, checked like ``allowed_path``."""
+    from gist_backend.safety import resolve_export_path
+
+    return resolve_export_path(path, allowed_roots())
+
+
 def set_run(path: str | Path | None) -> None:
     """Open another run (takes effect on the next rerun; rank resets to the run's default)."""
     ss = st.session_state
     if path is None:
         ss.pop(RUN_DIR, None)
     else:
-        ss[RUN_DIR] = str(Path(path).expanduser().resolve())
+        ss[RUN_DIR] = str(allowed_path(path, must_exist=True))
     ss.pop("_rank_for", None)
     ss.pop("detail_id", None)
 

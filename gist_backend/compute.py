@@ -40,6 +40,7 @@ from .runs import (
     read_tensors,
     record_file,
     write_json,
+    write_manifest,
     write_npy,
     write_parquet,
     write_tensors,
@@ -233,7 +234,42 @@ def _load_adapter_weights(model: torch.nn.Module, adapter_dir: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    path = adapter_dir / "adapter_model.safetensors"
+    try:
+        weights = load_file(str(path))
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing. Delete {adapter_dir.parent} and re-run the same command to rebuild it.") from None
+    except Exception as err:  # safetensors' own error types for a damaged file
+        raise RunError(f"{path}: unreadable ({err}). Delete {adapter_dir.parent} and re-run the same command to rebuild it.") from None
+    set_peft_model_state_dict(model, weights)
+
+
+def _save_adapter_atomic(model, adapter_dir: Path) -> None:
+    """save_pretrained into a temporary sibling folder, then rename it into place: a kill never leaves half an adapter."""
+    import shutil
+    import tempfile
+
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.", suffix=".tmp", dir=adapter_dir.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        os.replace(tmp, adapter_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tensors_ok(path: Path, shapes: dict[str, tuple | None]) -> bool:
+    """True if ``path`` is a complete safetensors file holding these tensors (shape None: any) — a cheap header check."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:  # also checks the data covers the whole file
+            keys = set(f.keys())
+            return all(k in keys and (shape is None or tuple(f.get_slice(k).get_shape()) == shape) for k, shape in shapes.items())
+    except Exception:
+        return False
 
 
 def checkpoints_for(config: ComputeConfig, model, tokenizer, train_ex, run_dir: Path, device, autocast, progress) -> list[dict]:
@@ -243,8 +279,8 @@ def checkpoints_for(config: ComputeConfig, model, tokenizer, train_ex, run_dir: 
         return [{"name": "adapter", "adapter": str(Path(config.adapter)), "optimizer": str(optimizer) if optimizer else None, "weight": 1.0}]
     if not config.warmup:
         init_dir = run_dir / "warmup" / "init"
-        if not (init_dir / "adapter" / "adapter_model.safetensors").exists():
-            model.save_pretrained(str(init_dir / "adapter"))
+        if not _tensors_ok(init_dir / "adapter" / "adapter_model.safetensors", {}):
+            _save_adapter_atomic(model, init_dir / "adapter")
         return [{"name": "init", "adapter": str(init_dir / "adapter"), "optimizer": None, "weight": 1.0}]
     subset = [train_ex[i] for i in warmup_indices(len(train_ex), config.warmup_fraction, config.seed)]
     epochs = run_warmup(
@@ -328,9 +364,14 @@ def training_stage(config, model, train_ex, pad_id, ckpt: dict, ckpt_dir: Path, 
     shards = range(0, n, config.shard_size)
     for s, start in enumerate(shards):
         path = ckpt_dir / "train" / f"shard-{s:05d}.safetensors"
-        if s % world != rank or (path.exists() and dump is None):
+        if s % world != rank:
             continue
         shard = train_ex[start : start + config.shard_size]
+        expected = {"coords": (len(shard), basis.shape[1]), "loss": (len(shard),)}
+        if sketching:
+            expected["sketch"] = (len(shard), config.less_dim)
+        if dump is None and path.exists() and _tensors_ok(path, expected):
+            continue  # finished earlier (a damaged or mismatched shard is recomputed)
         coords = np.empty((len(shard), basis.shape[1]), np.float32)
         losses = np.empty(len(shard), np.float32)
         sketch = np.empty((len(shard), config.less_dim if sketching else 0), np.float16)
@@ -390,7 +431,7 @@ def merge(config: ComputeConfig, run_dir: Path, manifest: dict, checkpoints: lis
         write_npy(run_dir / "sketches" / "val.npy", val_sketch)
         train_sketch = np.load(sketch_path, mmap_mode="r")
         scores, _, per_task = less_scores(
-            [torch.as_tensor(np.asarray(train_sketch[c])) for c in range(len(checkpoints))],
+            [torch.from_numpy(np.array(train_sketch[c])) for c in range(len(checkpoints))],
             [torch.as_tensor(val_sketch[c]) for c in range(len(checkpoints))],
             val_tasks, weights.tolist(),
         )  # fmt: skip
@@ -449,7 +490,7 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
     def save_manifest(**fields) -> None:
         manifest.update(fields)
         if main:
-            write_json(manifest_path, manifest)
+            write_manifest(manifest_path, manifest)
 
     def timed(stage: str, start: float) -> None:
         timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - start, 3)
@@ -503,7 +544,10 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
             _load_adapter_weights(model, Path(ckpt["adapter"]))
             last = c == len(checkpoints) - 1
             t0 = time.perf_counter()
-            if main and (not (ckpt_dir / "subspace.safetensors").exists() or (dump_dir and last)):
+            subspace_keys = {"sigma": None, "basis": None, "val_coords": None}
+            if set(config.methods) & {"less", "g2is"}:
+                subspace_keys["val_sketch"] = None
+            if main and (not _tensors_ok(ckpt_dir / "subspace.safetensors", subspace_keys) or (dump_dir and last)):
                 validation_stage(config, model, val_ex, pad_id, ckpt_dir, device, autocast, progress, dump_dir if last else None)
             barrier(world)
             timed("validation", t0)

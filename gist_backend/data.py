@@ -17,6 +17,10 @@ _ROLES = {
     "system": "system",
 }
 _TOKENIZE_CHUNK = 2048  # texts per batched tokenizer call: bounds memory, keeps the Rust tokenizer busy
+# Text beyond max_len × this many characters cannot reach the first max_len tokens of any real tokenizer
+# (they average 3-5 characters a token): it is cut before tokenising, so a 10 MB record costs what a
+# short one does instead of a minute of tokenizer time for tokens that truncation drops anyway.
+_MAX_CHARS_PER_TOKEN = 64
 
 
 class DataError(ValueError):
@@ -82,6 +86,7 @@ def load_records(path: str | Path) -> tuple[list[Record], list[BadRecord]]:
         try:
             if not isinstance(row, dict):
                 raise _Skip(f"record must be a JSON object, got {_type_name(row)}")
+            _check_unicode(row, raw)
             kept.append((row, raw, line, _normalise(row)))
         except _Skip as e:
             bad.append(BadRecord(file, line, str(e)))
@@ -179,6 +184,10 @@ def _jsonl_rows(p: Path, file: str) -> Iterator[tuple[Any, str, int]]:
                     yield json.loads(text), text, line
                 except json.JSONDecodeError as e:
                     yield BadRecord(file, line, f"invalid JSON: {e.msg} (col {e.colno})"), text, line
+                except RecursionError:
+                    yield BadRecord(file, line, "invalid JSON: nested too deeply"), text, line
+                except ValueError as e:  # e.g. an integer longer than Python's 4300-digit limit
+                    yield BadRecord(file, line, f"invalid JSON: {str(e)[:120]}"), text, line
     except (OSError, EOFError) as e:
         raise DataError(f"{file} could not be read ({e}); check the file is complete and not corrupted.") from e
 
@@ -199,6 +208,10 @@ def _json_rows(p: Path, file: str) -> Iterator[tuple[Any, str, int]]:
         if e.msg == "Extra data":  # one JSON value per line: it is JSONL with a .json name
             return _jsonl_rows(p, file)
         raise DataError(f"{file} is not valid JSON: {e.msg} at line {e.lineno} col {e.colno}; fix it or save it as JSONL.") from e
+    except RecursionError as e:
+        raise DataError(f"{file} is not usable JSON: nested too deeply; save the records as JSONL, one per line.") from e
+    except ValueError as e:  # e.g. an integer longer than Python's 4300-digit limit
+        raise DataError(f"{file} is not usable JSON ({str(e)[:120]}); save the records as JSONL, one per line.") from e
     if isinstance(doc, dict) and isinstance(doc.get("data"), list):
         doc = doc["data"]
     if not isinstance(doc, list):
@@ -275,6 +288,17 @@ def _looks_like_json_array(p: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- normalisation
+
+
+def _check_unicode(row: dict, raw: str) -> None:
+    """Skip a record holding an unpaired surrogate (a '\\ud800' escape): it is not Unicode text and cannot be stored."""
+    try:
+        raw.encode("utf-8")
+        if "\\u" in raw:  # only escapes can smuggle a lone surrogate into JSONL text
+            json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end]
+        raise _Skip(f"invalid Unicode: unpaired surrogate {bad.encode('unicode_escape').decode()} (not a character)") from None
 
 
 def _type_name(v: Any) -> str:
@@ -428,20 +452,24 @@ def tokenize_records(
 
     plans: list[tuple[Record, list[tuple[str, bool]]]] = []
     bad: list[BadRecord] = []
+    clipped: set[int] = set()
     for rec in records:
         try:
             segs = _template_segments(tokenizer, rec.messages) if use_template else _plain_segments(rec.messages, bos, eos)
         except _Skip as e:
             bad.append(BadRecord(rec.file, rec.line, str(e)))
             continue
+        segs, cut = _clip_segments(segs, max_len * _MAX_CHARS_PER_TOKEN)
+        if cut:
+            clipped.add(len(plans))
         plans.append((rec, segs))
 
     whole_text = getattr(tokenizer, "is_fast", False) and not _prefix_stable(tokenizer)
     encoded = _encode_offsets(tokenizer, plans) if whole_text else _encode_segments(tokenizer, plans)
 
     out: list[TokenizedExample] = []
-    for (rec, _), (ids, labels) in zip(plans, encoded):
-        if labels.count(IGNORE_INDEX) == len(labels):
+    for k, ((rec, _), (ids, labels)) in enumerate(zip(plans, encoded)):
+        if labels.count(IGNORE_INDEX) == len(labels) and k not in clipped:
             bad.append(BadRecord(rec.file, rec.line, "no response tokens: the response tokenises to nothing"))
             continue
         ids, labels = ids[:max_len], labels[:max_len]
@@ -450,6 +478,20 @@ def tokenize_records(
             continue
         out.append(TokenizedExample(rec.id, ids, labels))
     return out, bad
+
+
+def _clip_segments(segs: list[tuple[str, bool]], max_chars: int) -> tuple[list[tuple[str, bool]], bool]:
+    """Keep the first ``max_chars`` characters of the rendered segments; True if anything was cut."""
+    out: list[tuple[str, bool]] = []
+    used = 0
+    for text, supervised in segs:
+        if used + len(text) > max_chars:
+            if max_chars > used:
+                out.append((text[: max_chars - used], supervised))
+            return out, True
+        out.append((text, supervised))
+        used += len(text)
+    return out, False
 
 
 def _template_segments(tokenizer, messages: Sequence[dict]) -> list[tuple[str, bool]]:

@@ -5,7 +5,8 @@ A run is a folder (default ``cache/<run-id>/``) that reopens without the model:
     manifest.json            format "gist-curator-run", version, status ("running" | "complete"),
                              created, tool_version, config, n_train, n_val, d, k_max, methods,
                              checkpoints [{"name", "weight"}], ckpt_weights, fingerprints,
-                             bad_records (count), timings {stage: s}, files {name: {"bytes"}}
+                             bad_records (count), timings {stage: s}, files {name: {"bytes", "sha256"}},
+                             checksum (sha256 of the rest, see ``manifest_checksum``)
     progress.json            live progress of a running compute: stage, done, total, rate, eta_s, updated
     train.parquet            one row per usable pool record: row, id, source, task, n_tokens,
                              n_response_tokens, text (rendered conversation), raw (the record verbatim)
@@ -26,12 +27,18 @@ A run is a folder (default ``cache/<run-id>/``) that reopens without the model:
 
 Nothing here is pickled; every file is written to a temporary name and renamed into place, so a
 crash never leaves a half-written file under a final name. The manifest lists the final artefacts
-with their sizes so a truncated or edited run is reported by file name instead of failing in numpy.
+with their sizes and sha256, and carries a checksum of itself, so a truncated or edited run is
+reported by file name instead of failing in numpy. Opening a run checks every size, and the sha256
+of every file up to ``GIST_VERIFY_MAX_MB`` (default 2048; 0 turns hashing off; larger files, such as
+big LESS sketches, get the size check only); a file already verified in this process and unchanged
+since (same inode, size, mtime and ctime) is not hashed again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -93,8 +100,10 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise RunError(f"{path}: missing. The run is incomplete; re-run `gist-curate compute` on it to resume.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunError(f"{path}: not valid JSON ({err}). The file was truncated or edited by hand.") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, huge integers, deep nesting
+        raise RunError(f"{path}: not valid JSON ({str(err)[:200]}). The file was truncated or edited by hand.") from None
+    except OSError as err:  # a folder in its place, no permission
+        raise RunError(f"{path}: cannot be read ({err}).") from None
 
 
 def write_npy(path: str | Path, array: np.ndarray) -> None:
@@ -149,23 +158,78 @@ def read_parquet(path: str | Path) -> pl.DataFrame:
         raise RunError(f"{path}: unreadable Parquet table ({err}).") from None
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def record_file(manifest: dict, run_dir: Path, name: str) -> None:
-    """Note a finished artefact's size in the manifest so truncation is detected on open."""
-    manifest.setdefault("files", {})[name] = {"bytes": (run_dir / name).stat().st_size}
+    """Note a finished artefact's size and sha256 in the manifest so truncation or editing is detected on open."""
+    path = run_dir / name
+    manifest.setdefault("files", {})[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+_VERIFIED: dict[tuple, str] = {}  # (path, dev, inode, size, mtime_ns, ctime_ns) → sha256 already checked
+
+
+def _verify_limit() -> int:
+    try:
+        return int(float(os.environ.get("GIST_VERIFY_MAX_MB", "2048")) * 2**20)
+    except ValueError:
+        return 2048 * 2**20
 
 
 def check_files(run_dir: Path, manifest: dict) -> None:
-    """Raise RunError naming the first artefact whose size differs from the manifest's record."""
-    for name, info in manifest.get("files", {}).items():
+    """Raise RunError naming the first artefact whose size or checksum differs from the manifest's record."""
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise RunError(f"{run_dir / 'manifest.json'}: 'files' must be an object of {{name: {{bytes, sha256}}}}; the manifest was edited.")
+    limit = _verify_limit()
+    for name, info in files.items():
+        bad_entry = not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool)
+        if bad_entry or not isinstance(info.get("sha256", ""), str):
+            raise RunError(f"{run_dir / 'manifest.json'}: malformed entry for {name!r} in 'files'; the manifest was edited.")
         path = run_dir / name
-        if not path.exists():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise RunError(f"{run_dir / 'manifest.json'}: file entry {name!r} points outside the run directory.")
+        if not path.is_file():
             raise RunError(f"{path}: listed in the manifest but missing. Re-run `gist-curate compute` to rebuild it.")
-        size = path.stat().st_size
-        if size != info["bytes"]:
+        stat = path.stat()
+        if stat.st_size != info["bytes"]:
             raise RunError(
-                f"{path}: {size} bytes, the manifest recorded {info['bytes']}. "
+                f"{path}: {stat.st_size} bytes, the manifest recorded {info['bytes']}. "
                 "The file was truncated or changed after the run finished; recompute the run."
             )
+        expected = info.get("sha256")
+        if not expected or stat.st_size > limit:
+            continue  # runs written before checksums were recorded, or above the hashing limit: size only
+        key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if _VERIFIED.get(key) == expected:
+            continue
+        actual = file_sha256(path)
+        if actual != expected:
+            raise RunError(
+                f"{path}: checksum differs from the manifest's record (sha256 {actual[:12]}…, recorded {expected[:12]}…). "
+                "The file was corrupted or edited after the run finished; recompute the run."
+            )
+        _VERIFIED[key] = expected
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON without its own ``checksum`` field."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_manifest(path: str | Path, manifest: dict) -> None:
+    """Write a run manifest atomically with its own checksum, so a hand edit or a flipped bit is caught on open."""
+    manifest["checksum"] = manifest_checksum(manifest)
+    write_json(path, manifest)
 
 
 def read_manifest(run_dir: str | Path) -> dict:
@@ -182,6 +246,19 @@ def read_manifest(run_dir: str | Path) -> dict:
             f"{run_dir / 'manifest.json'}: run format version {version}, this tool reads version {FORMAT_VERSION}. "
             "Recompute the run with this version of gist-curator."
         )
+    if "checksum" in manifest and manifest["checksum"] != manifest_checksum(manifest):  # runs written without one: not checked
+        raise RunError(
+            f"{run_dir / 'manifest.json'}: its content does not match its checksum; the manifest was edited or corrupted. "
+            "Recompute the run (or resume it with the same options)."
+        )
+    shapes = {"config": dict, "methods": list, "checkpoints": list, "timings": dict, "fingerprints": dict}
+    for key, kind in shapes.items():
+        if key in manifest and manifest[key] is not None and not isinstance(manifest[key], kind):
+            raise RunError(f"{run_dir / 'manifest.json'}: '{key}' must be a JSON {kind.__name__.replace('dict', 'object')}; the manifest was edited.")
+    if not all(isinstance(m, str) for m in manifest.get("methods") or []):
+        raise RunError(f"{run_dir / 'manifest.json'}: 'methods' must list method names; the manifest was edited.")
+    if not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in manifest.get("checkpoints") or []):
+        raise RunError(f"{run_dir / 'manifest.json'}: 'checkpoints' must be objects with a name; the manifest was edited.")
     return manifest
 
 
@@ -223,18 +300,41 @@ def open_run(run_dir: str | Path) -> Run:
             f"Resume it with `gist-curate compute --run-dir {run_dir}` (same options)."
         )
     check_files(run_dir, manifest)
-    train = read_parquet(run_dir / "train.parquet")
-    val = read_parquet(run_dir / "val.parquet")
+    train = _check_table(read_parquet(run_dir / "train.parquet"), run_dir / "train.parquet")
+    val = _check_table(read_parquet(run_dir / "val.parquet"), run_dir / "val.parquet")
     train_coords = read_npy(run_dir / "train_coords.npy")
     val_coords = read_npy(run_dir / "val_coords.npy")
-    if train_coords.ndim != 3 or train_coords.shape[1] != train.height:
+    for name, coords in (("train_coords.npy", train_coords), ("val_coords.npy", val_coords)):
+        if coords.dtype.kind != "f":
+            raise RunError(f"{run_dir / name}: dtype {coords.dtype}, expected floating point coordinates.")
+    if train_coords.ndim != 3 or train_coords.shape[1] != train.height or train_coords.shape[2] < 1:
         raise RunError(f"{run_dir / 'train_coords.npy'}: shape {train_coords.shape} does not match {train.height} training rows.")
-    if val_coords.ndim != 3 or val_coords.shape[1] != val.height or val_coords.shape[0] != train_coords.shape[0]:
+    if val_coords.ndim != 3 or val_coords.shape[1] != val.height or val_coords.shape[0] != train_coords.shape[0] or val_coords.shape[2] != train_coords.shape[2]:
         raise RunError(f"{run_dir / 'val_coords.npy'}: shape {val_coords.shape} does not match the run.")
-    weights = np.asarray(manifest.get("ckpt_weights") or [1.0] * train_coords.shape[0], dtype=np.float64)
+    try:
+        weights = np.asarray(manifest.get("ckpt_weights") or [1.0] * train_coords.shape[0], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise RunError(f"{run_dir / 'manifest.json'}: ckpt_weights must be a list of numbers.") from None
     if weights.shape != (train_coords.shape[0],):
         raise RunError(f"{run_dir / 'manifest.json'}: ckpt_weights has {weights.size} entries for {train_coords.shape[0]} checkpoints.")
+    if not np.isfinite(weights).all() or (weights < 0).any() or not math.isfinite(weights.sum()) or weights.sum() <= 0:
+        raise RunError(f"{run_dir / 'manifest.json'}: ckpt_weights {weights.tolist()} must be non-negative finite numbers with a positive sum.")
     return Run(run_dir, manifest, train, val, train_coords, val_coords, weights / weights.sum())
+
+
+_TABLE_COLUMNS = {"id": pl.String, "source": pl.String, "task": pl.String, "text": pl.String, "raw": pl.String}
+
+
+def _check_table(table: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """The example table must have the string columns every view reads, and unique ids."""
+    for column, dtype in _TABLE_COLUMNS.items():
+        if column not in table.columns:
+            raise RunError(f"{path}: column '{column}' is missing; the table was edited or comes from another tool.")
+        if table.schema[column] != dtype:
+            raise RunError(f"{path}: column '{column}' has type {table.schema[column]}, expected {dtype}.")
+    if table["id"].null_count() or table["id"].n_unique() != table.height:
+        raise RunError(f"{path}: example ids are missing or not unique; the table was edited.")
+    return table
 
 
 def list_runs(root: str | Path = DEFAULT_ROOT) -> list[dict]:
@@ -244,10 +344,12 @@ def list_runs(root: str | Path = DEFAULT_ROOT) -> list[dict]:
     for manifest_path in root.glob("*/manifest.json"):
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON
             continue
-        if manifest.get("format") != "gist-curator-run":
+        if not isinstance(manifest, dict) or manifest.get("format") != "gist-curator-run":
             continue
+        if not isinstance(manifest.get("config"), dict):
+            manifest["config"] = {}
         runs.append(
             {
                 "path": str(manifest_path.parent),
@@ -260,4 +362,4 @@ def list_runs(root: str | Path = DEFAULT_ROOT) -> list[dict]:
                 "methods": manifest.get("methods", ["gist"]),
             }
         )
-    return sorted(runs, key=lambda r: r.get("created") or "", reverse=True)
+    return sorted(runs, key=lambda r: str(r.get("created") or ""), reverse=True)

@@ -33,13 +33,27 @@ def epoch_dir(run_dir: Path, epoch: int) -> Path:
 
 
 def finished_epochs(run_dir: Path, epochs: int) -> int:
-    """How many warmup epochs already have a complete checkpoint."""
+    """How many warmup epochs already have a complete checkpoint (a damaged one is redone)."""
     done = 0
     for e in range(1, epochs + 1):
-        if not (epoch_dir(run_dir, e) / "state.json").exists():
+        folder = epoch_dir(run_dir, e)
+        if not (folder / "state.json").exists():
+            break
+        if not all(_complete_safetensors(f) for f in (folder / "adapter" / "adapter_model.safetensors", folder / "optimizer.safetensors")):
             break
         done = e
     return done
+
+
+def _complete_safetensors(path: Path) -> bool:
+    """True if ``path`` is a whole safetensors file (header parses and its data covers the file)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return True
+    except Exception:
+        return False
 
 
 def save_optimizer(path: Path, optimizer: torch.optim.Optimizer, named_params: Sequence[tuple[str, torch.nn.Parameter]]) -> None:

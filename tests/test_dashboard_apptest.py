@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -41,8 +42,10 @@ def run_dir(base_run: Path, tmp_path: Path) -> Path:
 
 
 def app(run_dir: Path | None, monkeypatch: pytest.MonkeyPatch, view: str = "runs") -> AppTest:
-    """An AppTest of the dashboard with ``run_dir`` open, showing ``view``."""
+    """An AppTest of the dashboard with ``run_dir`` open, showing ``view`` (the test's temp folders allowed)."""
     monkeypatch.delenv("GIST_RUN_DIR", raising=False)
+    if run_dir is not None:
+        monkeypatch.setenv("GIST_ALLOWED_DIRS", os.pathsep.join([str(Path(run_dir).parent), os.getcwd()]))
     monkeypatch.setattr(sys, "argv", ["app.py"])
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
     if run_dir is not None:
@@ -354,3 +357,17 @@ def test_selection_ids_read_dict_style() -> None:
     event = {"selection": {"points": [{"customdata": "a"}, {"customdata": ["b", 1]}, {"customdata": "a"}, {"x": 1}], "box": [], "lasso": []}}
     assert selection_ids(event) == ["a", "b"]
     assert selection_ids({"selection": {"points": []}}) == [] and selection_ids(None) == []
+
+
+def test_export_outside_the_allowed_folders_is_refused(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
+    outside = tmp_path_factory.mktemp("elsewhere") / "x.jsonl"
+    at = app(run_dir, monkeypatch, "export")
+    at.text_input(key="export_path").set_value(str(outside))
+    button(at, "Write").click().run()
+    assert not outside.exists()
+    assert at.error and "outside the allowed folders" in at.error[0].value
+    escape = run_dir.parent / "out" / ".." / ".." / "escape.jsonl"
+    at.text_input(key="export_path").set_value(str(escape))
+    button(at, "Write").click().run()
+    assert not escape.resolve().exists()
+    assert [e.value for e in at.error if "outside the allowed folders" in e.value], [e.value for e in at.error] + [s.value for s in at.success]

@@ -70,7 +70,7 @@ with c[1].form("write_path", border=False):
     target = f[0].text_input("Write to path", value=str(Path(run.path) / "exports" / name), key="export_path")
     if f[1].form_submit_button("Write", icon=":material/save:"):
         try:
-            manifest = export_jsonl(run, sel, target, with_meta=with_meta)
+            manifest = export_jsonl(run, sel, state.allowed_export_path(target), with_meta=with_meta)
         except (OSError, ValueError) as err:
             state.show_error(err, "Export failed")
         else:

@@ -45,7 +45,11 @@ st.subheader("Open a run", anchor=False)
 left, right = st.columns([3, 2])
 with left:
     root = st.text_input("Runs folder", key=state.RUNS_ROOT, help="Folder whose sub-folders are runs (default cache/).")
-    runs = list_runs(root) if Path(root).is_dir() else []
+    try:
+        runs = list_runs(state.allowed_path(root)) if Path(root).is_dir() else []
+    except PermissionError as err:
+        state.show_error(err, "Folder not allowed")
+        runs = []
     if runs:
         table = pl.DataFrame(
             {
@@ -76,8 +80,8 @@ with right:
             try:
                 from gist_backend.runs import open_run
 
-                open_run(path.strip())
-            except RunError as err:
+                open_run(state.allowed_path(path.strip(), must_exist=True))
+            except (RunError, PermissionError) as err:
                 state.show_error(err)
             else:
                 state.set_run(path.strip())

@@ -1,0 +1,712 @@
+"""Faults: compute killed at chosen and random points resumes to the uninterrupted result; damaged or
+tampered run directories give a RunError naming the file; curation edits survive a killed writer;
+dashboard path safety. Figures of the last full run are in tests/RELIABILITY.md.
+
+How kills are made: the compute runs in a child process forked from a fork server that imported torch
+once (a forked child is a real process; SIGKILL ends it at once, with no cleanup). A child either kills itself with SIGKILL at a chosen point (a trap installed in the child
+only: on a progress report of a stage, or in the middle of writing a named file, leaving half of it),
+or is killed from here at a seeded random time or when an observable file appears. The children run
+`gist_backend.cli.main`, as `gist-curate` does (tests/test_compute.py kills the installed CLI in its own
+interpreter as well). The production code has no fault hook.
+
+Set GIST_RELIABILITY_REPORT=path.json to get the counts of this run as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from gist_backend import runs
+from gist_backend.cli import main as cli_main
+from gist_backend.curation import add_edit, load_edits
+from gist_backend.runs import RunError, open_run, read_npy
+from gist_backend.scoring import scores
+
+torch.set_num_threads(1)
+
+REPORT: dict = {"kills": [], "tamper": [], "edits": [], "safety": []}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_report():
+    yield
+    target = os.environ.get("GIST_RELIABILITY_REPORT")
+    if target:
+        Path(target).write_text(json.dumps(REPORT, indent=1, default=str))
+
+
+# ============================================================================ child processes
+
+
+def _install_trap(trap: dict) -> None:
+    """In the child: SIGKILL ourselves at the trap's point (never returns there)."""
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    kind = trap["kind"]
+    if kind == "progress":  # on the compute's progress report: stage prefix, done ≥ n
+        import importlib
+
+        compute = importlib.import_module("gist_backend.compute")  # the module (the package exports a function of that name)
+        real_call = compute.Progress.__call__
+
+        def call(self, stage, done, total, rate=0.0, force=False):
+            if stage.startswith(trap["stage"]) and done >= trap["done"]:
+                die()
+            return real_call(self, stage, done, total, rate, force)
+
+        compute.Progress.__call__ = call
+    elif kind == "write":  # an atomic write of a named file: leave its temporary file half-written
+        real_replace = os.replace
+        seen = [0]
+
+        def replace(src, dst, *args, **kwargs):
+            if Path(dst).name == trap["name"] and (trap.get("contains") is None or trap["contains"].encode() in Path(src).read_bytes()):
+                seen[0] += 1
+                if seen[0] == trap.get("nth", 1):
+                    victim = Path(src) / "adapter_model.safetensors" if Path(src).is_dir() else Path(src)
+                    os.truncate(victim, victim.stat().st_size // 2)
+                    die()
+            return real_replace(src, dst, *args, **kwargs)
+
+        os.replace = replace
+    elif kind == "peft_save":  # peft's adapter writer (not atomic): half a file under its final name
+        import peft.peft_model as peft_model
+
+        real_save = peft_model.safe_save_file
+        seen = [0]
+
+        def save(tensors, filename, *args, **kwargs):
+            real_save(tensors, filename, *args, **kwargs)
+            seen[0] += 1
+            if seen[0] == trap.get("nth", 1):
+                os.truncate(filename, os.path.getsize(filename) // 2)
+                die()
+
+        peft_model.safe_save_file = save
+    else:
+        raise ValueError(kind)
+
+
+# Children come from a fork server: one fresh interpreter that imports torch, transformers, peft and the
+# backend once, then forks a child per request. Forking this test process itself would be cheaper
+# still, but polars (like any library with a thread pool) deadlocks in a child forked after its pool
+# started, and this process reads runs with polars between kills.
+CTX = multiprocessing.get_context("forkserver")
+CTX.set_forkserver_preload(
+    ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "safetensors", "numpy", "polars",
+     "gist_backend.cli", "gist_backend.compute", "gist_backend.model", "gist_backend.curation", "test_reliability"]
+)  # fmt: skip
+
+
+def _child_main(args: list[str], log: str, trap: dict | None) -> None:
+    """Runs in the child: output to ``log``, the trap, then `gist-curate <args>` (its exit code is the child's)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+    torch.set_num_threads(1)
+    if trap:
+        _install_trap(trap)
+    cli_main(args)
+
+
+def spawn(args: list[str], log: Path, trap: dict | None = None, target=_child_main):
+    """Start a child running ``target(args, log, trap)``; returns the process (``.pid``, ``.join``, ``.exitcode``)."""
+    proc = CTX.Process(target=target, args=(args, str(log), trap), daemon=True)
+    proc.start()
+    return proc
+
+
+def wait(proc, timeout: float = 300.0) -> int:
+    """Exit code of the child (negative: killed by that signal)."""
+    proc.join(timeout)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+        raise AssertionError(f"child {proc.pid} did not finish in {timeout} s")
+    return proc.exitcode
+
+
+def run_child(args: list[str], log: Path, trap: dict | None = None, target=_child_main) -> int:
+    return wait(spawn(args, log, trap, target))
+
+
+# ============================================================================ the run under test
+
+
+def compute_args(model: Path, pool: Path, val: Path, run_dir: Path, warmup: bool = True) -> list[str]:
+    args = [
+        "compute", "--model", str(model), "--train", str(pool), "--val", str(val), "--run-dir", str(run_dir),
+        "--k-max", "8", "--shard-size", "8", "--max-len", "64", "--max-batch", "4",
+        "--methods", "gist,less" if warmup else "gist", "--less-dim", "64",  # LESS needs the warmup's Adam state
+        "--memory-budget-gb", "1e-9",  # spill the validation gradients to disk: that path is killed too
+    ]  # fmt: skip
+    if warmup:
+        return args + ["--warmup-epochs", "2", "--warmup-fraction", "0.75", "--warmup-lr", "1e-3", "--warmup-batch", "4"]
+    return args + ["--no-warmup"]
+
+
+WARMUP_STEPS = 6  # per epoch: 32 × 0.75 = 24 examples in batches of 4; 4 shards of 8 per checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama, tmp_path_factory):
+    """Data, and the uninterrupted reference run (with its wall time, for the random kills)."""
+    from gist_backend.testing import make_toy_data
+
+    root = tmp_path_factory.mktemp("faults")
+    pool, val = make_toy_data(root / "data", n_train=32, n_val=10)
+    ref = root / "reference"
+    assert run_child(compute_args(tiny_llama, pool, val, ref), root / "reference.log") == 0, (root / "reference.log").read_text()[-3000:]
+    seconds = sum(json.loads((ref / "manifest.json").read_text())["timings"].values())  # the compute, without start-up
+    return {"model": tiny_llama, "pool": pool, "val": val, "root": root, "ref": ref, "seconds": seconds}
+
+
+def file_digests(run_dir: Path) -> dict[str, str]:
+    return {name: info["sha256"] for name, info in open_run(run_dir).manifest["files"].items()}
+
+
+def assert_same_run(run_dir: Path, ref: Path) -> None:
+    """Every final artefact byte-identical to the reference (checksums in the manifests), and the scores equal."""
+    got, want = open_run(run_dir), open_run(ref)
+    assert file_digests(run_dir) == file_digests(ref)
+    np.testing.assert_array_equal(got.train_coords, want.train_coords)
+    np.testing.assert_array_equal(got.val_coords, want.val_coords)
+    if "less" in want.methods:
+        for name in ("less_scores.npy", "sketches/train.npy"):
+            np.testing.assert_array_equal(read_npy(run_dir / name), read_npy(ref / name))
+    assert got.manifest["ckpt_weights"] == want.manifest["ckpt_weights"] and got.manifest["k_max"] == want.manifest["k_max"]
+    np.testing.assert_array_equal(scores(got, "gist", 3), scores(want, "gist", 3))
+
+
+def kill_and_resume(setup, name: str, *, trap: dict | None = None, kill_after: float | None = None, kill_on: str | None = None, warmup: bool = True, ref: Path | None = None) -> dict:
+    """One fault: a child is killed (by a trap, after a delay, or when a file appears), then a fresh child resumes."""
+    run_dir = setup["root"] / f"run-{name}"
+    log = setup["root"] / f"{name}.log"
+    args = compute_args(setup["model"], setup["pool"], setup["val"], run_dir, warmup)
+    proc = spawn(args, log, trap)
+    if kill_after is not None or kill_on is not None:
+        deadline = time.time() + (kill_after if kill_after is not None else 300)
+        while time.time() < deadline and proc.is_alive():
+            if kill_on is not None and (run_dir / kill_on).exists():
+                break
+            time.sleep(0.002)
+        if proc.is_alive():
+            proc.kill()
+    code = wait(proc)
+    killed = code == -signal.SIGKILL
+    outcome = {"name": name, "killed": killed, "exit": code, "trap": trap, "kill_after_s": kill_after, "kill_on": kill_on}
+    if killed:
+        manifest = json.loads((run_dir / "manifest.json").read_text()) if (run_dir / "manifest.json").exists() else {}
+        outcome["status_after_kill"] = manifest.get("status")
+        progress = run_dir / "progress.json"
+        outcome["stage_at_kill"] = json.loads(progress.read_text()).get("stage") if progress.exists() else None
+        if manifest.get("status") != "complete":  # an unfinished run is never opened as valid
+            with pytest.raises(RunError):
+                open_run(run_dir)
+    else:
+        assert code == 0, log.read_text()[-3000:]
+    code = run_child(args, log)
+    assert code == 0, log.read_text()[-3000:]
+    assert_same_run(run_dir, ref or setup["ref"])
+    outcome["resumed_equal"] = True
+    REPORT["kills"].append(outcome)
+    return outcome
+
+
+# ============================================================================ kills at chosen points
+
+CHOSEN = {
+    "warmup-epoch1-step3": {"kind": "progress", "stage": "warmup", "done": 3},
+    "warmup-epoch2-step2": {"kind": "progress", "stage": "warmup", "done": WARMUP_STEPS + 2},
+    "write-epoch2-adapter(half file, final name)": {"kind": "peft_save", "nth": 2},
+    "write-epoch1-optimizer": {"kind": "write", "name": "optimizer.safetensors"},
+    "write-train.parquet": {"kind": "write", "name": "train.parquet"},
+    "val-grads-ckpt0(spill half full)": {"kind": "progress", "stage": "validation gradients (ckpt-0)", "done": 4},
+    "write-ckpt0-subspace": {"kind": "write", "name": "subspace.safetensors"},
+    "train-grads-ckpt0-shard1": {"kind": "progress", "stage": "training gradients (ckpt-0)", "done": 12},
+    "val-grads-ckpt1": {"kind": "progress", "stage": "validation gradients (ckpt-1)", "done": 4},
+    "write-ckpt1-shard2": {"kind": "write", "name": "shard-00002.safetensors", "nth": 2},
+    "train-grads-ckpt1-shard3": {"kind": "progress", "stage": "training gradients (ckpt-1)", "done": 28},
+    "merge-start": {"kind": "progress", "stage": "merging", "done": 0},
+    "write-train_coords.npy": {"kind": "write", "name": "train_coords.npy"},
+    "write-less_scores.npy": {"kind": "write", "name": "less_scores.npy"},
+    "write-final-manifest": {"kind": "write", "name": "manifest.json", "contains": '"status": "complete"'},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(CHOSEN))
+def test_kill_at_chosen_point_resumes_to_the_uninterrupted_run(setup, point):
+    outcome = kill_and_resume(setup, point.split("(")[0], trap=CHOSEN[point])
+    assert outcome["killed"], f"the trap at {point} did not fire"
+    assert outcome["status_after_kill"] in ("running", None)
+
+
+@pytest.mark.slow
+def test_kill_when_observable_files_appear(setup):
+    """Killed from outside as soon as a file shows up (the kill lands a little later, wherever the child is)."""
+    for marker in ("ckpt-0/subspace.safetensors", "ckpt-1/train/shard-00001.safetensors"):
+        kill_and_resume(setup, "file-" + marker.replace("/", "_"), kill_on=marker)
+
+
+@pytest.mark.slow
+def test_kills_at_seeded_random_times(setup):
+    rng = random.Random(20240611)
+    for i in range(4):
+        kill_and_resume(setup, f"random-{i}", kill_after=0.2 + rng.uniform(0.0, 1.0) * setup["seconds"])
+    assert sum(o["killed"] for o in REPORT["kills"] if o["name"].startswith("random-")) >= 1  # most land; all resume equal
+
+
+@pytest.mark.slow
+def test_no_warmup_run_killed_while_saving_its_initial_adapter(setup):
+    """Without warmup the initial adapter is saved once; a kill mid-save used to leave half a file that resume trusted."""
+    ref = setup["root"] / "reference-nowarmup"
+    args = compute_args(setup["model"], setup["pool"], setup["val"], ref, warmup=False)
+    assert run_child(args, setup["root"] / "ref-nowarmup.log") == 0
+    outcome = kill_and_resume(setup, "write-init-adapter", trap={"kind": "peft_save", "nth": 1}, warmup=False, ref=ref)
+    assert outcome["killed"]
+
+
+@pytest.mark.slow
+def test_damaged_intermediate_files_are_recomputed_on_resume(setup):
+    """Shards and subspaces are trusted on resume only if complete and of the right shape; otherwise redone."""
+    run_dir = setup["root"] / "run-damaged"
+    args = compute_args(setup["model"], setup["pool"], setup["val"], run_dir)
+    trap = {"kind": "progress", "stage": "training gradients (ckpt-1)", "done": 28}
+    assert run_child(args, setup["root"] / "damaged.log", trap) == -signal.SIGKILL
+    shards = sorted((run_dir / "ckpt-1" / "train").glob("shard-*.safetensors"))
+    assert len(shards) >= 3
+    shards[0].write_bytes(shards[0].read_bytes()[:-7])  # truncated
+    shards[1].write_bytes(shards[1].read_bytes() + b"\0" * 16)  # grown
+    runs.write_tensors(shards[2], {"coords": np.zeros((3, 8), np.float32), "loss": np.zeros(3, np.float32)})  # wrong shape
+    subspace = run_dir / "ckpt-0" / "subspace.safetensors"
+    subspace.write_bytes(subspace.read_bytes()[:50])
+    epoch = run_dir / "warmup" / "epoch-2" / "optimizer.safetensors"
+    epoch.write_bytes(epoch.read_bytes()[:-3])
+    assert run_child(args, setup["root"] / "damaged.log") == 0
+    assert_same_run(run_dir, setup["ref"])
+    REPORT["kills"].append({"name": "damaged-shards-subspace-optimizer", "killed": True, "resumed_equal": True})
+
+
+# ============================================================================ tampered finished runs
+
+
+@pytest.fixture(scope="module")
+def finished(setup) -> Path:
+    return setup["ref"]
+
+
+@pytest.fixture
+def copy(finished, tmp_path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(finished, target)
+    return target
+
+
+def expect_run_error(run_dir: Path, names: str | tuple[str, ...], case: str) -> str:
+    names = (names,) if isinstance(names, str) else names
+    with pytest.raises(RunError) as err:
+        open_run(run_dir)
+    message = str(err.value)
+    assert any(n in message for n in names), message
+    REPORT["tamper"].append({"case": case, "outcome": "RunError", "message": message[:160]})
+    return message
+
+
+def _edit_manifest(run_dir: Path, resign: bool = True, **changes) -> None:
+    """Change manifest fields; ``resign``: also recompute its checksum, as a deliberate editor could."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.update(changes)
+    if resign:
+        runs.write_manifest(run_dir / "manifest.json", manifest)
+    else:
+        (run_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rerecord(run_dir: Path, name: str) -> None:
+    """An editor who also fixes the manifest's size and checksum for the file they replaced."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    runs.record_file(manifest, run_dir, name)
+    runs.write_manifest(run_dir / "manifest.json", manifest)
+
+
+ARTEFACTS = ["train.parquet", "val.parquet", "train_coords.npy", "val_coords.npy", "geometry.json", "coupling.safetensors",
+             "less_scores.npy", "less_task_scores.npy", "sketches/train.npy", "sketches/val.npy"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ARTEFACTS)
+def test_truncated_deleted_or_bit_flipped_artefact_is_named(copy, name):
+    path = copy / name
+    original = path.read_bytes()
+    path.write_bytes(original[: len(original) // 2])
+    expect_run_error(copy, name, f"truncate {name}")
+    path.write_bytes(original + b"x")
+    expect_run_error(copy, name, f"append to {name}")
+    rng = random.Random(name)
+    for position in sorted(rng.sample(range(len(original)), 6)) + [0, len(original) - 1]:
+        flipped = bytearray(original)
+        flipped[position] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(flipped))
+        expect_run_error(copy, name, f"bit flip {name}")
+    path.unlink()
+    expect_run_error(copy, name, f"delete {name}")
+    path.write_bytes(original)
+    open_run(copy)  # restored: fine again
+
+
+@pytest.mark.parametrize(
+    "case, change",
+    [
+        ("version 2", {"version": 2}),
+        ("version '1' (a string)", {"version": "1"}),
+        ("other format", {"format": "something-else"}),
+        ("status running", {"status": "running"}),
+        ("ckpt_weights not numbers", {"ckpt_weights": ["a", "b"]}),
+        ("ckpt_weights zero", {"ckpt_weights": [0.0, 0.0]}),
+        ("ckpt_weights NaN", {"ckpt_weights": [float("nan"), 1.0]}),
+        ("files a list", {"files": ["train.parquet"]}),
+        ("files entry without bytes", {"files": {"train.parquet": {"size": 3}}}),
+        ("files entry outside the run", {"files": {"../../etc/passwd": {"bytes": 1}}}),
+        ("methods a number", {"methods": 3}),
+        ("checkpoints malformed", {"checkpoints": [1, 2]}),
+        ("config a string", {"config": "x"}),
+    ],
+)
+def test_edited_manifest_gives_a_clear_error(copy, case, change):
+    """Each edit is caught by the manifest's checksum; re-signed, by the structural checks behind it."""
+    _edit_manifest(copy, resign=False, **change)
+    expect_run_error(copy, "manifest.json", f"manifest (checksum): {case}")
+    _edit_manifest(copy, **change)
+    expect_run_error(copy, "manifest.json" if case != "status running" else "not complete", f"manifest (re-signed): {case}")
+
+
+@pytest.mark.parametrize("field, value", [("ckpt_weights", [0.9, 0.1]), ("k_max", 3), ("n_train", 5), ("config", {"model": "other"})])
+def test_silent_manifest_edits_are_caught_by_its_checksum(copy, field, value):
+    """Edits that would otherwise open fine with different meaning (weights, counts) fail on the checksum."""
+    _edit_manifest(copy, resign=False, **{field: value})
+    assert "does not match its checksum" in expect_run_error(copy, "manifest.json", f"manifest silent edit: {field}")
+    _edit_manifest(copy, resign=False, checksum=None)
+    expect_run_error(copy, "manifest.json", "manifest checksum emptied")
+
+
+def test_manifest_damage(copy):
+    manifest = copy / "manifest.json"
+    original = manifest.read_bytes()
+    for case, data in [
+        ("truncated", original[: len(original) // 2]),
+        ("empty", b""),
+        ("not UTF-8", b"\xff\xfe" + original),
+        ("a JSON list", b"[1, 2]"),
+        ("deeply nested", b"[" * 100000),
+        ("huge integer", b'{"version": 1' + b"0" * 5000 + b"}"),
+    ]:
+        manifest.write_bytes(data)
+        expect_run_error(copy, "manifest.json", f"manifest {case}")
+    manifest.unlink()
+    expect_run_error(copy, "manifest.json", "manifest deleted")
+    manifest.mkdir()
+    expect_run_error(copy, "manifest.json", "manifest is a folder")
+    manifest.rmdir()
+    # Random bit flips: each either leaves a valid manifest (a changed date, say) or gives a RunError; never a crash.
+    rng = random.Random(7)
+    outcomes = {"RunError": 0, "harmless": 0}
+    for _ in range(60):
+        flipped = bytearray(original)
+        flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        manifest.write_bytes(bytes(flipped))
+        try:
+            open_run(copy)
+            outcomes["harmless"] += 1
+        except RunError:
+            outcomes["RunError"] += 1
+    REPORT["tamper"].append({"case": "60 random manifest bit flips", "outcome": outcomes})
+
+
+def test_missing_run_and_not_a_run(tmp_path):
+    with pytest.raises(RunError, match="no such run directory"):
+        open_run(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="manifest.json"):
+        open_run(tmp_path / "empty")
+
+
+class _Payload:
+    """Unpickling this creates a marker file: proof that something from the run was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["train_coords.npy", "val_coords.npy"])
+def test_pickle_bearing_npy_is_refused_and_never_executed(copy, tmp_path, name):
+    marker = tmp_path / "executed"
+    good = np.load(copy / name)
+    payload = np.empty(good.shape, dtype=object)
+    payload.flat[0] = _Payload(marker)
+    with open(copy / name, "wb") as f:
+        np.save(f, payload, allow_pickle=True)
+    expect_run_error(copy, name, f"pickle {name}, manifest not updated")
+    _rerecord(copy, name)  # even with a manifest that vouches for it
+    expect_run_error(copy, name, f"pickle {name}, manifest updated")
+    with pytest.raises(RunError, match=name):
+        read_npy(copy / name, mmap=False)
+    assert not marker.exists()
+
+
+def test_consistently_edited_tables_and_arrays_give_clear_errors(copy):
+    """Someone rewrites a file and the manifest's record of it: structural checks still name the file."""
+    train = pl.read_parquet(copy / "train.parquet")
+    cases = [
+        ("train.parquet", lambda: train.drop("raw").write_parquet(copy / "train.parquet"), "raw column dropped"),
+        ("train.parquet", lambda: train.with_columns(pl.lit("same").alias("id")).write_parquet(copy / "train.parquet"), "duplicate ids"),
+        ("train.parquet", lambda: train.with_columns(pl.col("row").alias("id")).write_parquet(copy / "train.parquet"), "integer ids"),
+        (("train.parquet", "train_coords.npy"), lambda: train.head(5).write_parquet(copy / "train.parquet"), "rows removed"),
+        ("train_coords.npy", lambda: np.save(copy / "train_coords.npy", np.zeros((2, 3), np.float32)), "2-D coords"),
+        ("train_coords.npy", lambda: np.save(copy / "train_coords.npy", np.load(copy / "train_coords.npy").astype(np.int64)), "integer coords"),
+        ("val_coords.npy", lambda: np.save(copy / "val_coords.npy", np.load(copy / "val_coords.npy")[:, :, :3]), "val k differs"),
+    ]
+    backup = {n: (copy / n).read_bytes() for n in ("train.parquet", "train_coords.npy", "val_coords.npy", "manifest.json")}
+    for names, damage, case in cases:
+        damage()
+        names = (names,) if isinstance(names, str) else names
+        _rerecord(copy, names[0])
+        expect_run_error(copy, names, f"consistent edit: {case}")
+        for n, data in backup.items():
+            (copy / n).write_bytes(data)
+    open_run(copy)
+
+
+def test_shards_of_a_finished_run_are_not_needed(copy):
+    """A finished run does not read its shards: deleting or truncating one changes nothing."""
+    shard = copy / "ckpt-1" / "train" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:10])
+    (copy / "ckpt-0" / "train" / "shard-00000.safetensors").unlink()
+    open_run(copy)
+    REPORT["tamper"].append({"case": "damaged shards of a finished run", "outcome": "not read; run opens"})
+
+
+def test_cli_on_a_damaged_run_prints_the_file_not_a_traceback(copy, capsys):
+    (copy / "train_coords.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["info", "--run-dir", str(copy)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "train_coords.npy" in err and "Traceback" not in err
+
+
+def test_list_runs_skips_damaged_manifests(copy, tmp_path):
+    root = copy.parent
+    for name, data in {"bad-utf8": b"\xff\xfe{}", "a-list": b"[]", "nested": b"[" * 100000, "odd": b'{"format": "gist-curator-run", "config": 3, "created": 5}'}.items():
+        (root / name).mkdir()
+        (root / name / "manifest.json").write_bytes(data)
+    listed = runs.list_runs(root)
+    assert {r["id"] for r in listed} == {"run", "odd"}
+
+
+def test_checksums_are_cached_per_file_state(copy, monkeypatch):
+    calls = []
+    real = runs.file_sha256
+    monkeypatch.setattr(runs, "file_sha256", lambda p: calls.append(p) or real(p))
+    runs._VERIFIED.clear()
+    open_run(copy)
+    first = len(calls)
+    open_run(copy)
+    assert first >= 6 and len(calls) == first  # unchanged files are not hashed again
+    monkeypatch.setenv("GIST_VERIFY_MAX_MB", "0")
+    runs._VERIFIED.clear()
+    open_run(copy)
+    assert len(calls) == first  # checksums off: sizes only
+
+
+# ============================================================================ curation edits
+
+
+@pytest.fixture
+def edit_run(tmp_path) -> Path:
+    from gist_backend.synthetic import synthetic_run
+
+    return synthetic_run(tmp_path / "run", n_train=40, n_val=6, n_tasks=2, k_max=4, n_ckpt=1, n_sources=2)
+
+
+def _edit_child_main(run_dir: str, log: str, trap: dict | None) -> None:
+    """A dashboard process: records two edits through the dashboard's own code; the trap fires in the second."""
+    from dashboard import state
+
+    run = open_run(run_dir)
+    ids = run.train["id"].to_list()
+    state.add_edit(run, "include", ids[:3], "row", "first edit")
+    if trap:
+        _install_trap(trap)
+    state.add_edit(run, "exclude", ids[3:5], "filter", "second edit")
+
+
+def _lock_child_main(run_dir: str, log: str, trap: dict | None) -> None:
+    """A writer that dies while it holds the edit log's lock."""
+    from gist_backend import curation
+
+    with curation._locked(Path(run_dir)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_dashboard_killed_while_writing_an_edit_keeps_the_earlier_ones(edit_run, tmp_path):
+    ids = open_run(edit_run).train["id"].to_list()
+    code = run_child(str(edit_run), tmp_path / "edits.log", {"kind": "write", "name": "edits.json"}, target=_edit_child_main)
+    assert code == -signal.SIGKILL
+    edits = load_edits(edit_run)
+    assert [(e["op"], e["ids"]) for e in edits] == [("include", ids[:3])]
+    assert list(edit_run.glob(".edits.json.*.tmp"))  # the half-written temporary file, never read
+    add_edit(edit_run, "exclude", ids[3:5], {"kind": "api"})  # the lock died with the process
+    assert [e["op"] for e in load_edits(edit_run)] == ["include", "exclude"]
+    REPORT["edits"].append({"case": "killed mid-write of the 2nd edit", "edits_kept": 1, "next_edit_ok": True})
+
+
+def test_dashboard_killed_between_edits_and_while_holding_the_lock(edit_run, tmp_path):
+    ids = open_run(edit_run).train["id"].to_list()
+    assert run_child(str(edit_run), tmp_path / "a.log", None, target=_edit_child_main) == 0
+    assert len(load_edits(edit_run)) == 2
+    # A writer killed while it holds the edit lock: the next writer is not blocked.
+    assert run_child(str(edit_run), tmp_path / "lock.log", None, target=_lock_child_main) == -signal.SIGKILL
+    start = time.time()
+    add_edit(edit_run, "reset", ids[:1], {"kind": "api"})
+    assert time.time() - start < 5 and len(load_edits(edit_run)) == 3
+    REPORT["edits"].append({"case": "killed between edits / holding the lock", "edits_kept": 2, "next_edit_ok": True})
+
+
+# ============================================================================ dashboard safety
+
+
+def test_allowed_roots_default_and_env(tmp_path, monkeypatch):
+    from gist_backend.safety import allowed_roots
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GIST_ALLOWED_DIRS", raising=False)
+    monkeypatch.delenv("GIST_CACHE", raising=False)
+    assert allowed_roots() == [tmp_path.resolve()]
+    monkeypatch.setenv("GIST_CACHE", str(tmp_path / "elsewhere"))
+    assert allowed_roots() == [tmp_path.resolve(), (tmp_path / "elsewhere").resolve()]
+    monkeypatch.setenv("GIST_ALLOWED_DIRS", os.pathsep.join([str(tmp_path / "a"), "", "b", str(tmp_path / "a")]))
+    assert allowed_roots() == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve()]
+    assert allowed_roots(extra=[tmp_path / "c"])[-1] == (tmp_path / "c").resolve()
+
+
+def test_resolve_allowed_rejects_traversal_and_escaping_symlinks(tmp_path, monkeypatch):
+    from gist_backend.safety import resolve_allowed, resolve_export_path
+
+    root = tmp_path / "root"
+    (root / "cache" / "run").mkdir(parents=True)
+    (root / "cache" / "run" / "manifest.json").write_text("{}")
+    (tmp_path / "root2").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "link-out").symlink_to(outside)
+    (root / "link-in").symlink_to(root / "cache")
+    (root / "loop").symlink_to(root / "loop")
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("GIST_ALLOWED_DIRS", raising=False)
+    monkeypatch.delenv("GIST_CACHE", raising=False)
+
+    assert resolve_allowed("cache/run") == root / "cache" / "run"
+    assert resolve_allowed(root / "cache" / "x" / ".." / "run", must_exist=True) == root / "cache" / "run"
+    assert resolve_allowed("link-in/run") == root / "cache" / "run"
+    assert resolve_allowed("cache/new/file.jsonl") == root / "cache" / "new" / "file.jsonl"
+    rejected = [
+        "../outside", "cache/../../outside/x.jsonl", str(outside), "/etc/passwd", "link-out/x.jsonl", "link-out",
+        "~", "loop/x", "", "  ", "cache/\x00x", str(tmp_path / "root2"), "cache/run/../../../root2",
+    ]  # fmt: skip
+    for bad in rejected:
+        with pytest.raises(PermissionError):
+            resolve_allowed(bad)
+    with pytest.raises(FileNotFoundError):
+        resolve_allowed("cache/missing", must_exist=True)
+    assert resolve_allowed(str(outside / "f"), roots=[outside]) == outside / "f"
+
+    assert resolve_export_path("cache/run/exports/sel.jsonl") == root / "cache" / "run" / "exports" / "sel.jsonl"
+    for bad in ["cache/run/manifest.json", "cache/run/sel.jsonl", "cache/run/exports/sel.npy", "link-out/sel.jsonl", "../sel.jsonl"]:
+        with pytest.raises(PermissionError):
+            resolve_export_path(bad)
+    (root / "dir.jsonl").mkdir()
+    with pytest.raises(PermissionError):
+        resolve_export_path("dir.jsonl")
+    REPORT["safety"].append({"case": "paths rejected", "count": len(rejected) + 6})
+
+
+def test_check_cli_value():
+    from gist_backend.safety import check_cli_value
+
+    assert check_cli_value("data/pool.jsonl", "pool file") == "data/pool.jsonl"
+    assert check_cli_value("a b; rm -rf ~ $(x)", "pool file") == "a b; rm -rf ~ $(x)"
+    for bad in ["--dump-full-grads", " -x", "--overwrite"]:
+        with pytest.raises(ValueError, match="option"):
+            check_cli_value(bad, "pool file")
+
+
+def test_served_on_loopback_by_default(monkeypatch):
+    import tomllib
+
+    from gist_backend import cli
+
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
+    assert cli.build_parser().parse_args(["serve"]).address == "127.0.0.1"
+    seen = {}
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: seen.update(cmd=cmd, kw=kw) or 0)
+    cli.serve("cache/x; rm -rf ~", 8501)
+    assert isinstance(seen["cmd"], list) and not seen["kw"].get("shell")
+    assert seen["cmd"][seen["cmd"].index("--server.address") + 1] == "127.0.0.1"
+    assert seen["cmd"][-1].endswith("cache/x; rm -rf ~")  # one argument, never parsed by a shell
+
+
+def test_no_shell_eval_or_pickle_in_the_code():
+    """Nothing builds a shell command, evaluates text, or unpickles: checked over every source file."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = {
+        "shell=True": r"shell\s*=\s*True", "os.system": r"\bos\.system\(", "os.popen": r"\bos\.popen\(",
+        "eval(": r"(?<![\w.])eval\(", "exec(": r"(?<![\w.])exec\(", "pickle": r"\bimport pickle|\bpickle\.load|cloudpickle|joblib\.load",
+        "allow_pickle=True": r"allow_pickle\s*=\s*True", "trust_remote_code=True": r"trust_remote_code\s*=\s*True",
+        "torch.load without weights_only": r"torch\.load\((?![^)]*weights_only\s*=\s*True)",
+    }  # fmt: skip
+    files = sorted((root / "gist_backend").rglob("*.py")) + sorted((root / "dashboard").rglob("*.py"))
+    found = [f"{f.relative_to(root)}: {name}" for f in files for name, rx in patterns.items() if re.search(rx, f.read_text())]
+    assert not found, found
+    REPORT["safety"].append({"case": "source files scanned", "count": len(files)})
+
+
+def test_dashboard_compute_command_is_an_argument_list():
+    """The dashboard's compute launcher passes user text as separate arguments, never through a shell."""
+    from dashboard import jobs
+
+    hostile = "x; rm -rf ~ && $(curl evil) `id` 'q\" | tee /tmp/p"
+    opts = jobs.ComputeOptions(model=hostile, train=[hostile], val=["v.jsonl"], lora_targets=hostile)
+    cmd = jobs.compute_command(opts, "cache/r")
+    assert isinstance(cmd, list) and all(isinstance(c, str) for c in cmd)
+    assert cmd.count(hostile) == 3  # each a single argv element
+
+
+def test_dashboard_form_rejects_option_like_paths():
+    """A pool line like '--dump-full-grads' would be read by the compute CLI as an option: the form refuses it."""
+    from dashboard import jobs
+
+    opts = jobs.ComputeOptions(model="m", train=["pool.jsonl", "--dump-full-grads", "/tmp/anywhere"], val=["v.jsonl"])
+    assert any("--dump-full-grads" in problem for problem in opts.problems())
+    assert not jobs.ComputeOptions(model="m", train=["./-odd-name.jsonl"], val=["v.jsonl"]).problems()
