@@ -186,7 +186,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"run {run.path}  ({m.get('status')}, created {m.get('created')})")
     print(f"model {m['config']['model']}   methods {', '.join(run.methods)}   d = {m.get('d')}   k_max = {run.k_max}")
     print(f"pool {run.train.height} examples, validation {run.val.height} in {len(set(run.val_tasks))} sub-tasks, {m.get('bad_records', 0)} bad records skipped")
-    print(f"checkpoints: " + ", ".join(f"{c['name']} (w={c['weight']:.3f})" for c in m.get("checkpoints", [])))
+    print("checkpoints: " + ", ".join(f"{c['name']} (w={c['weight']:.3f})" for c in m.get("checkpoints", [])))
     for ckpt in geometry:
         spec = ckpt["spectrum"]
         sigma = ", ".join(f"{s:.3g}" for s in spec["sigma"][:8])

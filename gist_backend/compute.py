@@ -19,7 +19,7 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +33,8 @@ from .data import DataError, Record, fingerprint, load_records, render_text, tok
 from .gist import fit_subspace
 from .grads import iter_gradients, lora_factors
 from .runs import (
+    tool_version,
+    utc_now,
     FORMAT_VERSION,
     RunError,
     atomic_path,
@@ -143,18 +145,6 @@ def resolve_dtypes(dtype: str, device: torch.device) -> tuple[torch.dtype, torch
     if dtype == "bfloat16":
         return torch.bfloat16, torch.bfloat16
     raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype}")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def tool_version() -> str:
-    """Installed version of gist-curator (or 'dev' from a plain checkout)."""
-    try:
-        return metadata.version("gist-curator")
-    except metadata.PackageNotFoundError:
-        return "dev"
 
 
 def _versions() -> dict:
@@ -477,7 +467,7 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
                     "Use a new --run-dir, the same options to resume, or --overwrite to start again."
                 )
         else:
-            manifest = {"format": "gist-curator-run", "version": FORMAT_VERSION, "created": _now(), "timings": {}}
+            manifest = {"format": "gist-curator-run", "version": FORMAT_VERSION, "created": utc_now(), "timings": {}}
     else:
         manifest = {"timings": {}}
     if main and manifest.get("status") == "complete" and dump_full_grads is None:
@@ -571,7 +561,7 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
             progress("merging", 0, 1, force=True)
             merge(config, run_dir, manifest, checkpoints, len(train_ex), val_tasks)
             timed("merge", t0)
-            save_manifest(status="complete", finished=_now())
+            save_manifest(status="complete", finished=utc_now())
             progress("complete", 1, 1, force=True)
         barrier(world)
         return run_dir

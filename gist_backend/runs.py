@@ -37,6 +37,8 @@ since (same inode, size, mtime and ctime) is not hashed again.
 from __future__ import annotations
 
 import hashlib
+from datetime import datetime, timezone
+from importlib import metadata
 import json
 import math
 import os
@@ -156,6 +158,19 @@ def read_parquet(path: str | Path) -> pl.DataFrame:
         raise RunError(f"{path}: missing. Re-run `gist-curate compute` on this run to finish it.") from None
     except Exception as err:
         raise RunError(f"{path}: unreadable Parquet table ({err}).") from None
+
+
+def utc_now() -> str:
+    """Current UTC time, ISO-8601 to the second (manifests, edits, exports)."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def tool_version() -> str:
+    """Installed version of gist-curator (or 'dev' from a plain checkout)."""
+    try:
+        return metadata.version("gist-curator")
+    except metadata.PackageNotFoundError:
+        return "dev"
 
 
 def file_sha256(path: str | Path) -> str:

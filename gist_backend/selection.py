@@ -19,13 +19,11 @@ example swaps one example instead of reshuffling the set.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 import warnings as _warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +32,7 @@ import polars as pl
 import torch
 
 from .curation import edit_state, load_edits
-from .runs import Run, RunError, atomic_path, read_json, read_npy, write_json
+from .runs import Run, RunError, atomic_path, file_sha256, read_json, read_npy, tool_version, utc_now, write_json
 from .scoring import METHODS, check_method, ranking, scores
 
 EXPORT_VERSION = 1
@@ -211,7 +209,7 @@ def g2is_rows(run: Run, budget: int, knn_k: int = 100, *, device: str | None = N
         path,
         {
             "format": "gist-curator-g2is", "budget": budget, "knn_k": knn_k, "run": key, "seconds": round(time.perf_counter() - t0, 3),
-            "created": _now(), "selected": [int(r) for r in result.selected], "per_component": result.per_component,
+            "created": utc_now(), "selected": [int(r) for r in result.selected], "per_component": result.per_component,
         },
     )  # fmt: skip
     return [int(r) for r in result.selected], result.per_component
@@ -339,27 +337,6 @@ def _g2is_fill(run, count, knn_k, forced_in, excluded, codes, n_sources, cap, de
 # ----------------------------------------------------------------------------- export, summaries, comparison
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _tool_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("gist-curator")
-    except metadata.PackageNotFoundError:
-        return "dev"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_mix(run: Run, rows: np.ndarray) -> dict[str, int]:
     counts = run.train["source"].gather(rows).value_counts(sort=True)
     return {str(s): int(c) for s, c in counts.iter_rows()}
@@ -399,8 +376,8 @@ def export_jsonl(run: Run, selection: Selection, out_path: str | Path, *, with_m
     write_json(
         manifest_path,
         {
-            "format": "gist-curator-export", "version": EXPORT_VERSION, "created": _now(), "tool_version": _tool_version(),
-            "output": str(out.resolve()), "output_sha256": _sha256_file(out), "count": len(lines), "with_meta": with_meta,
+            "format": "gist-curator-export", "version": EXPORT_VERSION, "created": utc_now(), "tool_version": tool_version(),
+            "output": str(out.resolve()), "output_sha256": file_sha256(out), "count": len(lines), "with_meta": with_meta,
             "reserialised": reserialised, "method": selection.method, "rank": selection.rank, "budget": selection.budget,
             "per_source_cap": selection.per_source_cap, "per_source_cap_count": selection.cap, "capped": selection.capped,
             "source_mix": _source_mix(run, selection.rows),
@@ -409,7 +386,7 @@ def export_jsonl(run: Run, selection: Selection, out_path: str | Path, *, with_m
             "run": {
                 "path": str(run.path.resolve()), "id": run.path.name, "created": m.get("created"), "config_hash": m.get("config_hash"),
                 "n_train": run.train.height, "fingerprints": m.get("fingerprints"),
-                "manifest_sha256": _sha256_file(run.path / "manifest.json"),
+                "manifest_sha256": file_sha256(run.path / "manifest.json"),
             },
         },
     )  # fmt: skip

@@ -15,7 +15,6 @@ import hashlib
 import json
 import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,7 @@ import torch
 
 from . import geometry
 from .gist import fit_subspace
-from .runs import FORMAT_VERSION, atomic_path, record_file, write_json, write_npy, write_parquet, write_tensors
+from .runs import FORMAT_VERSION, atomic_path, file_sha256, record_file, tool_version, utc_now, write_json, write_npy, write_parquet, write_tensors
 
 D_LATENT = 1024
 N_MODULES = 8
@@ -43,10 +42,6 @@ _WORDS = (
 ).split(" ")  # none needs JSON escaping, so a record's JSON is assembled from the plain text
 # The system prompt carries the characters JSON must escape (quote, backslash, tab).
 SYSTEM_PROMPT = 'You are a helpful assistant. Quote with "double quotes", keep back\\slashes and\ttabs.'
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _names(pool: Sequence[str], n: int) -> list[str]:
@@ -281,14 +276,14 @@ def synthetic_run(
     }  # fmt: skip
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     manifest = {
-        "format": "gist-curator-run", "version": FORMAT_VERSION, "status": "complete", "created": _now(), "finished": _now(),
-        "tool_version": _tool_version(), "config": config, "config_hash": config_hash, "methods": methods,
+        "format": "gist-curator-run", "version": FORMAT_VERSION, "status": "complete", "created": utc_now(), "finished": utc_now(),
+        "tool_version": tool_version(), "config": config, "config_hash": config_hash, "methods": methods,
         "n_train": n_train, "n_val": n_val, "d": d, "k_max": k,
         "checkpoints": [{"name": g["name"], "weight": float(w)} for g, w in zip(geo, ckpt_weights)],
         "ckpt_weights": ckpt_weights.tolist(),
         "fingerprints": {
-            "train": {"synthetic/pool.jsonl": _sha256(run_dir / "train.parquet")},
-            "val": {"synthetic/val.jsonl": _sha256(run_dir / "val.parquet")},
+            "train": {"synthetic/pool.jsonl": file_sha256(run_dir / "train.parquet")},
+            "val": {"synthetic/val.jsonl": file_sha256(run_dir / "val.parquet")},
             "model": f"synthetic-seed{seed}",
         },
         "bad_records": 0, "error": None, "timings": {}, "files": {},
@@ -301,14 +296,3 @@ def synthetic_run(
     return run_dir
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _tool_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("gist-curator")
-    except metadata.PackageNotFoundError:
-        return "dev"
