@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -562,6 +563,8 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
             merge(config, run_dir, manifest, checkpoints, len(train_ex), val_tasks)
             timed("merge", t0)
             save_manifest(status="complete", finished=utc_now())
+            for c in range(len(checkpoints)):  # merged into train_coords.npy (and sketches): only resume needed them
+                shutil.rmtree(run_dir / f"ckpt-{c}" / "train", ignore_errors=True)
             progress("complete", 1, 1, force=True)
         barrier(world)
         return run_dir

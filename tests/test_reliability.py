@@ -495,13 +495,11 @@ def test_consistently_edited_tables_and_arrays_give_clear_errors(copy):
     open_run(copy)
 
 
-def test_shards_of_a_finished_run_are_not_needed(copy):
-    """A finished run does not read its shards: deleting or truncating one changes nothing."""
-    shard = copy / "ckpt-1" / "train" / "shard-00001.safetensors"
-    shard.write_bytes(shard.read_bytes()[:10])
-    (copy / "ckpt-0" / "train" / "shard-00000.safetensors").unlink()
+def test_shards_of_a_finished_run_are_removed(copy):
+    """Shards only serve resuming: a finished run has merged and deleted them, and opens without them."""
+    assert not list(copy.glob("ckpt-*/train/shard-*"))
     open_run(copy)
-    REPORT["tamper"].append({"case": "damaged shards of a finished run", "outcome": "not read; run opens"})
+    REPORT["tamper"].append({"case": "shards of a finished run", "outcome": "deleted after the merge; run opens"})
 
 
 def test_cli_on_a_damaged_run_prints_the_file_not_a_traceback(copy, capsys):
