@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gist_backend.compute import ComputeConfig
 from gist_backend.safety import check_cli_value
 
 PID_FILE = "compute.pid"
@@ -35,19 +36,20 @@ class ComputeOptions:
     model: str
     train: list[str]
     val: list[str]
-    max_len: int = 1024
-    lora_rank: int = 8
-    lora_alpha: int = 16
+    # Defaults come from the backend's ComputeConfig, so the form and `gist-curate compute` never disagree.
+    max_len: int = ComputeConfig.max_len
+    lora_rank: int = ComputeConfig.lora_rank
+    lora_alpha: int = ComputeConfig.lora_alpha
     lora_targets: str = ""
     adapter: str = ""
-    warmup: bool = True
-    warmup_fraction: float = 0.05
-    warmup_epochs: int = 4
-    warmup_lr: float = 2e-5
-    k_max: int = 128
+    warmup: bool = ComputeConfig.warmup
+    warmup_fraction: float = ComputeConfig.warmup_fraction
+    warmup_epochs: int = ComputeConfig.warmup_epochs
+    warmup_lr: float = ComputeConfig.warmup_lr
+    k_max: int = ComputeConfig.k_max
     methods: list[str] = field(default_factory=lambda: ["gist"])
-    device: str = "auto"
-    seed: int = 0
+    device: str = ComputeConfig.device
+    seed: int = ComputeConfig.seed
 
     def problems(self) -> list[str]:
         """What is missing or wrong in the form, as sentences (empty when it can be launched)."""
