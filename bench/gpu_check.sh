@@ -45,15 +45,7 @@ part grads_tiny_bf16 50 $PY bench/grads.py --n 128 --less-n 32 --seq-len 512 --r
 part grads_tiny_fp32 35 $PY bench/grads.py --n 64 --less-n 32 --seq-len 256 --repeats 3 --dtype float32 --json "$OUT/grads_tiny_fp32.json"
 
 # 3. G2IS selection at 270k x 8192 (5% budget) on random clustered, normalised features
-part g2is_270k 120 $PY -c "
-import json, sys, torch
-from gist_backend.g2is import benchmark_g2is
-t = benchmark_g2is(n_train=270_000, p=8192, m=500, budget_frac=0.05, device='cuda')
-t['max_memory_gb'] = torch.cuda.max_memory_allocated() / 2**30
-json.dump(t, open(sys.argv[1], 'w'), indent=1, default=str)
-print(t)
-print('RESULT g2is_270k_total_s', round(t['total_s'], 3))
-" "$OUT/g2is_270k.json"
+part g2is_270k 120 $PY bench/g2is.py --n 270000 --p 8192 --m 500 --budget 0.05 --device cuda --json "$OUT/g2is_270k.json"
 
 # 4. compact table
 $PY - "$OUT" <<'EOF'

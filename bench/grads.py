@@ -51,7 +51,7 @@ from bench.common import (
 )
 
 
-from gist_backend.grads import (
+from gist_backend.engine.grads import (
     IGNORE_INDEX,
     Batch,
     batch_gradients,
@@ -116,7 +116,7 @@ def random_llama(size: str, dtype: torch.dtype, device: torch.device, seed: int 
 
 def build_model(args, device: torch.device, weight_dtype: torch.dtype) -> tuple[torch.nn.Module, int, str]:
     """(model with a seeded LoRA adapter on device, vocab size, description)."""
-    from gist_backend.model import attach_lora, load_model, smollm2_gguf
+    from gist_backend.engine.model import attach_lora, load_model, smollm2_gguf
 
     if args.model:
         spec = str(smollm2_gguf()) if args.model == "smollm2" else args.model
@@ -126,7 +126,7 @@ def build_model(args, device: torch.device, weight_dtype: torch.dtype) -> tuple[
         model = random_llama(args.random_config, weight_dtype, device, args.seed)
         what = f"random Llama config {args.random_config} {RANDOM_CONFIGS[args.random_config][:2]}"
     else:
-        from gist_backend.testing import make_tiny_model
+        from gist_backend.devkit.tiny import make_tiny_model
 
         folder = make_tiny_model(Path(tempfile.mkdtemp(prefix="bench-grads-")) / "llama", "llama", hidden=args.hidden, layers=args.layers)
         model, _ = load_model(str(folder), dtype=weight_dtype, device=str(device))

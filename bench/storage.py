@@ -1,114 +1,110 @@
-"""Storage: bytes per example of GIST's stored coordinates vs LESS's 8192-dim × 4-checkpoint fp16 gradient store.
+"""Storage: bytes per example of GIST's store against LESS's, and the fidelity of GIST's compact store.
 
-With --run-dir, the bytes are measured on disk from a finished run: ``train_coords.npy`` (C checkpoints ×
-k_max floats per example, what scoring and the dashboard read), and separately the per-shard copies of the
-same coordinates that compute keeps under ``ckpt-<c>/train/`` (for resuming) and the run's other files.
-Without it, the bytes come from the formula C × k_max × bytes-per-float. The reference is LESS's store as
-the design states it: 8192 dims × 4 checkpoints × 2 bytes (fp16) = 65,536 bytes per example
-(17.7 GB for 270k examples).
+Reference: LESS's store, 8192 dims × 4 checkpoints × fp16 = 65,536 bytes per example (17.7 GB for 270k).
+GIST's store per example and GIST checkpoint is k_max unit coordinates in fp16, their norm (fp32) and the
+norm of the whole gradient (fp32, for gist-global): k·2 + 8 bytes. Defaults: 1 checkpoint (the final one, as
+published), k_max 128 → 264 bytes (0.40 %). With --run-dir the bytes are measured on disk.
+
+Fidelity (--fidelity-rows N, default 50,000): a synthetic run's float32 coordinates are scored at every rank
+1..k_max from float32 and from the compact store; reported are the largest absolute score difference
+(goal ≤ 1e-3) and whether the top-5 % sets agree up to examples whose scores are within 1e-3 of the cut-off.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import tempfile
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, result_lines, table, write_json
+from bench.common import machine, result_lines, table, write_json  # noqa: E402
 
 LESS_DIM, LESS_CKPTS, LESS_BYTES = 8192, 4, 2
 LESS_PER_EXAMPLE = LESS_DIM * LESS_CKPTS * LESS_BYTES
+TIE = 1e-3
 
 
-def _npy_payload(path: Path) -> tuple[int, tuple, str]:
-    """(file bytes, shape, dtype) of a .npy file, read from its header only."""
-    import numpy as np
-
-    array = np.load(path, mmap_mode="r", allow_pickle=False)
-    return path.stat().st_size, tuple(array.shape), str(array.dtype)
+def formula(k_max: int, checkpoints: int) -> int:
+    """Bytes per example of the GIST store: per checkpoint k unit coordinates (fp16) and two fp32 norms."""
+    return checkpoints * (k_max * 2 + 4 + 4)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+def measured(run_dir: Path) -> dict:
+    """Bytes per example of a run's GIST and LESS stores, from the files on disk."""
+    from gist_backend.runs.store import describe, open_run
 
-
-def _shard_bytes(run_dir: Path) -> dict[str, int]:
-    """Bytes per tensor name (coords, sketch, loss) in compute's per-shard files, which stay after the merge."""
-    from safetensors import safe_open
-
-    out: dict[str, int] = {}
-    for path in run_dir.glob("ckpt-*/train/shard-*.safetensors"):
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                sl = f.get_slice(key)
-                count = 1
-                for dim in sl.get_shape():
-                    count *= dim
-                out[key] = out.get(key, 0) + count * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(sl.get_dtype(), 4)
-    return out
-
-
-def from_run(run_dir: Path) -> dict:
-    """Measured bytes per example of a finished run's coordinates (and of the rest of the run)."""
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    coords = run_dir / "train_coords.npy"
-    size, shape, dtype = _npy_payload(coords)
-    n_ckpt, n, k = shape
-    shards = _shard_bytes(run_dir)
-    sketches = _dir_bytes(run_dir / "sketches")
-    total = _dir_bytes(run_dir)
+    run = open_run(run_dir)
+    n = run.train.height
+    gist_files = [run_dir / "grad_norms.npy"] + [run_dir / f"targets/{t}/{name}" for t in run.targets for name in ("gist_unit.npy", "gist_norm.npy")]
+    sketch = run_dir / "sketches" / "train.npy"
     return {
-        "source": str(run_dir), "n": n, "checkpoints": n_ckpt, "k_max": k, "dtype": dtype,
-        "coords_bytes_per_example": size / n, "shard_bytes_per_example": {k: v / n for k, v in shards.items()},
-        "less_sketch_bytes_per_example": sketches / n, "run_total_bytes_per_example": total / n,
-        "methods": manifest.get("methods", ["gist"]),
+        "run": str(run_dir), "pool": n, "targets": run.targets, "described": describe(run)["methods"],
+        "gist_bytes_per_example": sum(p.stat().st_size for p in gist_files if p.exists()) / n,
+        "less_bytes_per_example": sketch.stat().st_size / n if sketch.exists() else None,
     }  # fmt: skip
 
 
-def from_formula(k_max: int, checkpoints: int, float_bytes: int) -> dict:
-    """Bytes per example of C × k_max floats."""
-    return {"source": "formula", "checkpoints": checkpoints, "k_max": k_max, "dtype": {2: "float16", 4: "float32"}[float_bytes],
-            "coords_bytes_per_example": float(checkpoints * k_max * float_bytes)}  # fmt: skip
+def fidelity(rows: int, k_max: int = 128, seed: int = 0) -> dict:
+    """Score error and top-5 % agreement of the compact store against float32, at every rank, on a synthetic run."""
+    from gist_backend.devkit.synthetic import synthetic_run
+    from gist_backend.methods.gist import gist_scores
+    from gist_backend.runs.store import compact_coords, open_run
+
+    with tempfile.TemporaryDirectory(prefix="gist-storage-") as tmp:
+        run = open_run(synthetic_run(Path(tmp) / "run", n_train=rows, n_val=200, k_max=k_max, n_ckpt=1, seed=seed))
+        exact = np.asarray(run.train_coords, dtype=np.float32)  # the synthetic coordinates, rebuilt
+        coords = exact + np.random.default_rng(seed).normal(0, 1e-3, exact.shape).astype(np.float32)  # off the fp16 grid
+        unit, norms = compact_coords(coords)
+        worst, mismatched, top = 0.0, [], max(1, int(round(0.05 * rows)))
+        for rank in range(1, run.k_max + 1):
+            full = gist_scores(coords, run.val_coords, run.val_tasks, [1.0], rank)
+            compact = gist_scores(unit, run.val_coords, run.val_tasks, [1.0], rank)
+            worst = max(worst, float(np.abs(full - compact).max()))
+            cut = np.sort(full)[-top]
+            a, b = set(np.argsort(-full, kind="stable")[:top]), set(np.argsort(-compact, kind="stable")[:top])
+            if any(abs(full[i] - cut) > TIE for i in a ^ b):
+                mismatched.append(rank)
+    return {"rows": rows, "k_max": run.k_max, "max_abs_score_error": worst, "ranks_with_top5_mismatch_beyond_ties": mismatched}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Print the storage table, JSON and RESULT line; returns the result dict."""
+    """Print the table and RESULT lines; write JSON with --json."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run-dir", help="measure a finished run instead of using the formula")
     p.add_argument("--k-max", type=int, default=128)
-    p.add_argument("--checkpoints", type=int, default=4, help="C, warmup checkpoints stored (the tool's default warmup_epochs is 4)")
-    p.add_argument("--float-bytes", type=int, default=4, choices=[2, 4], help="bytes per stored coordinate (the tool writes float32)")
-    p.add_argument("--n-examples", type=int, default=270_000, help="pool size for the totals column")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--checkpoints", type=int, default=1, help="GIST checkpoints (1 = the final one, the default)")
+    p.add_argument("--run-dir", default=None, help="measure a finished run on disk")
+    p.add_argument("--fidelity-rows", type=int, default=50_000, help="synthetic rows for the fidelity check (0: skip)")
+    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-
-    main_row = from_run(Path(args.run_dir)) if args.run_dir else from_formula(args.k_max, args.checkpoints, args.float_bytes)
-    variants = [main_row] + [
-        from_formula(main_row["k_max"], c, b) for c, b in ((4, 4), (4, 2), (1, 4), (1, 2)) if (c, b) != (main_row["checkpoints"], {"float32": 4, "float16": 2}.get(main_row["dtype"]))
-    ]  # fmt: skip
-    rows = []
-    for v in variants:
-        per = v["coords_bytes_per_example"]
-        rows.append([v["source"], v["checkpoints"], v["k_max"], v["dtype"], per, 100 * per / LESS_PER_EXAMPLE, per * args.n_examples / 1e9])
-    rows.append(["LESS (8192 × 4 ckpt fp16)", LESS_CKPTS, LESS_DIM, "float16", float(LESS_PER_EXAMPLE), 100.0, LESS_PER_EXAMPLE * args.n_examples / 1e9])
-    print(table(rows, ["store", "ckpts", "dims", "dtype", "bytes/example", "% of LESS", f"GB @ {args.n_examples:,}"]))
+    per_example = formula(args.k_max, args.checkpoints)
+    out: dict = {"bench": "storage", "machine": machine(), "less_bytes_per_example": LESS_PER_EXAMPLE,
+                 "formula": {"k_max": args.k_max, "checkpoints": args.checkpoints, "bytes_per_example": per_example}}  # fmt: skip
+    rows = [["formula", f"{args.checkpoints} × ({args.k_max} × fp16 + 2 × fp32)", per_example, f"{100 * per_example / LESS_PER_EXAMPLE:.3f} %",
+             f"{per_example * 270_000 / 1e9:.3f}"]]  # fmt: skip
+    headline = {"storage_vs_less_pct": 100 * per_example / LESS_PER_EXAMPLE}
     if args.run_dir:
-        r = main_row
-        shard = ", ".join(f"{k} {v:.0f} B" for k, v in sorted(r["shard_bytes_per_example"].items())) or "none"
-        print(
-            f"run on disk per example: coordinates {r['coords_bytes_per_example']:.0f} B (train_coords.npy); compute's per-shard files, kept after the merge: {shard}; "
-            f"merged LESS/G2IS sketches {r['less_sketch_bytes_per_example']:.0f} B; whole run directory {r['run_total_bytes_per_example']:.0f} B (fixed costs such as the basis included)"
-        )
-    ratio = 100 * main_row["coords_bytes_per_example"] / LESS_PER_EXAMPLE
-    print(f"GIST coordinates ({main_row['checkpoints']} ckpt × {main_row['k_max']} × {main_row['dtype']}): {ratio:.3f}% of LESS's store (target <= 0.5% at k_max 128)")
-    result = {"bench": "storage", "machine": machine(), "less_bytes_per_example": LESS_PER_EXAMPLE, "main": main_row,
-              "variants": variants[1:], "storage_vs_less_pct": ratio}  # fmt: skip
-    write_json(args.json, result)
-    print(result_lines({"storage_vs_less_pct": ratio}))
-    return result
+        out["measured"] = measured(Path(args.run_dir))
+        bpe = out["measured"]["gist_bytes_per_example"]
+        rows.append([f"run {Path(args.run_dir).name}", "GIST files on disk / pool size", round(bpe, 1), f"{100 * bpe / LESS_PER_EXAMPLE:.3f} %",
+                     f"{bpe * 270_000 / 1e9:.3f}"])  # fmt: skip
+        headline["storage_vs_less_pct"] = 100 * bpe / LESS_PER_EXAMPLE
+    print(table(rows, ["store", "what", "bytes / example", "of LESS's 65,536 B", "GB at 270k"]))
+    if args.fidelity_rows:
+        out["fidelity"] = fid = fidelity(args.fidelity_rows, args.k_max)
+        print(f"compact store vs float32 on {fid['rows']:,} synthetic rows, ranks 1..{fid['k_max']}: max |score error| "
+              f"{fid['max_abs_score_error']:.2e} (goal ≤ 1e-3); top-5 % sets differ beyond ties of {TIE} at ranks: "
+              f"{fid['ranks_with_top5_mismatch_beyond_ties'] or 'none'}")  # fmt: skip
+        headline["compact_max_score_error"] = fid["max_abs_score_error"]
+        headline["compact_top5_mismatched_ranks"] = len(fid["ranks_with_top5_mismatch_beyond_ties"])
+    out["headline"] = headline
+    if args.json:
+        write_json(args.json, out)
+    print(result_lines(headline))
+    return out
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""GIST Curator dashboard: `streamlit run dashboard/app.py -- --run-dir cache/<run>` (or GIST_RUN_DIR)."""
+"""GIST Curator dashboard: `gist-curate serve --run-dir cache/<run>` (or `streamlit run dashboard/app.py -- --run-dir …`)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import time  # noqa: E402
 
 import streamlit as st  # noqa: E402
 
-from dashboard import state  # noqa: E402
+from dashboard import session  # noqa: E402
 from dashboard.sidebar import render_sidebar  # noqa: E402
 
 _started, _cpu = time.perf_counter(), time.thread_time()
 st.set_page_config(page_title="GIST Curator", page_icon=":material/scatter_plot:", layout="wide")
-state.init_session()
+session.init_session()
 
 PAGES = {
     "Runs": [st.Page("views/runs.py", title="Runs", icon=":material/folder_open:", url_path="runs", default=True)],
@@ -40,10 +40,10 @@ render_sidebar()
 try:
     page.run()
 except Exception as err:  # a view failed: say why, keep the trace out of the way
-    state.show_error(err, f"{page.title} could not be drawn")
+    session.show_error(err, f"{page.title} could not be drawn")
     with st.expander("Technical details"):
         st.exception(err)
-# server-side wall and CPU time of this run (read by dashboard.bench)
+# server-side wall and CPU time of this run (read by bench/dashboard_server.py)
 st.session_state["_script_seconds"] = (time.perf_counter() - _started, time.thread_time() - _cpu)
 if os.environ.get("GIST_DASH_TIMING"):  # one line per script run on stderr, for profiling a live server
     print(f"[gist-dashboard] {page.title}: {st.session_state['_script_seconds'][0]:.3f} s wall, "

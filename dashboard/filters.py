@@ -22,10 +22,6 @@ class ExampleFilter:
     length_range: tuple[int, int] | None = None
     state: str = "all"
 
-    def is_empty(self) -> bool:
-        """True when the filter keeps every row."""
-        return self == ExampleFilter()
-
     def describe(self) -> dict:
         """JSON-able description, recorded as the origin of a bulk edit."""
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -104,6 +100,7 @@ def ranked_rows(order: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def ranked_table(
     train: pl.DataFrame,
+    texts: pl.Series,
     rows: np.ndarray,
     positions: np.ndarray,
     scores: np.ndarray,
@@ -117,7 +114,7 @@ def ranked_table(
     ids = train["id"].gather(idx)
     return pl.DataFrame(
         {
-            "rank": positions[rows] + 1,
+            "position": positions[rows] + 1,
             "score": scores[rows],
             "included": selected[rows],
             "edit": [edit_state.get(i, "") for i in ids.to_list()],
@@ -125,7 +122,7 @@ def ranked_table(
             "task": tasks[rows],
             "length": train["n_tokens"].gather(idx),
             "id": ids,
-            "text": train["text"].gather(idx).fill_null("").str.replace_all(r"\s+", " ").str.slice(0, preview_chars),
+            "text": texts.gather(idx).fill_null("").str.replace_all(r"\s+", " ").str.slice(0, preview_chars),
         }
     )
 

@@ -1,54 +1,63 @@
-"""The sidebar shared by every view: open run, method, rank slider, budget, edit history."""
+"""The sidebar shared by every view: open run, target, method, rank slider, budget, edit history."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state
-from gist_backend.runs import Run, RunError
+from dashboard import backend, session
+from gist_backend.runs.files import RunError
+from gist_backend.runs.store import Run
 
 
 def render_sidebar() -> Run | None:
     """Draw the shared controls; returns the open run (None when none is open or it failed)."""
     with st.sidebar:
         try:
-            run = state.current_run()
+            run = backend.current_run()
         except RunError as err:
-            st.error(f"The run could not be opened: {err}", icon=":material/error:")
+            st.error(f"The run could not be opened: {session.escape(err)}", icon=":material/error:")
             return None
         if run is None:
             st.info("No run open. Open one on the **Runs** page.", icon=":material/info:")
             return None
-        state.sync_rank(run)
-        st.markdown(f"**Run** `{run.path.name}`")
-        st.caption(f"{run.train.height:,} pool examples · {run.val.height:,} validation · k_max {run.k_max}")
-        methods = state.available_methods(run)
-        if st.session_state.get(state.METHOD) not in methods:
-            st.session_state[state.METHOD] = "gist"
-        st.selectbox("Method", methods, key=state.METHOD, format_func=state.METHOD_LABELS.get,
-                     help="Which method selects the subset. G2IS returns a set, not a ranking; views then rank by GIST.")  # fmt: skip
-        st.slider("GIST rank r", 1, run.k_max, key=state.RANK,
+        session.sync_rank(run.k_max, backend.run_key(run))
+        st.markdown(f"**Run** `{session.escape(run.path.name)}`")
+        if len(run.targets) > 1:
+            ss = st.session_state
+            if ss.get(session.TARGET) not in run.targets:
+                ss[session.TARGET] = run.target
+            st.selectbox("Target", run.targets, key=session.TARGET, help="The validation set (task) every view scores against.")
+        st.caption(f"{run.train.height:,} pool examples · {run.val.height:,} validation ({session.escape(run.target)}) · k_max {run.k_max}")
+        methods = backend.available_methods(run)
+        if st.session_state.get(session.METHOD) not in methods:
+            st.session_state[session.METHOD] = "gist"
+        st.selectbox("Method", methods, key=session.METHOD, format_func=session.METHOD_LABELS.get,
+                     help="Which method selects the subset. GIST-global weighs GIST's alignment by the share of the gradient the "
+                          "subspace holds. G2IS returns a set, not a ranking; views then rank by GIST.")  # fmt: skip
+        st.slider("GIST rank r", 1, run.k_max, key=session.RANK,
                   help="Number of task directions used for GIST scores. Every view reads its scores from this slider.")  # fmt: skip
         _budget_controls(run)
         _edit_history(run)
+        session.write_query()
     return run
 
 
 def _budget_controls(run: Run) -> None:
     """Budget as a percentage of the pool or a count."""
     ss = st.session_state
-    ss[state.BUDGET_COUNT] = int(min(max(int(ss.get(state.BUDGET_COUNT, 100)), 1), run.train.height))
-    st.segmented_control("Budget", ["%", "count"], key=state.BUDGET_MODE, required=True, format_func=_mode_label, width="stretch",
+    ss[session.BUDGET_COUNT] = int(min(max(int(ss.get(session.BUDGET_COUNT, 100)), 1), run.train.height))
+    st.segmented_control("Budget", ["%", "count"], key=session.BUDGET_MODE, required=True, format_func=_mode_label, width="stretch",
                          help="How many examples to select: a share of the pool or a fixed count.")  # fmt: skip
-    if ss.get(state.BUDGET_MODE) == "count":
-        st.number_input("Examples", 1, run.train.height, step=max(1, run.train.height // 100), key=state.BUDGET_COUNT, label_visibility="collapsed")
+    if ss.get(session.BUDGET_MODE) == "count":
+        st.number_input("Examples", 1, run.train.height, step=max(1, run.train.height // 100), key=session.BUDGET_COUNT, label_visibility="collapsed")
     else:
-        st.number_input("Percent of the pool", 0.1, 100.0, step=0.5, format="%.1f", key=state.BUDGET_PCT, label_visibility="collapsed")
+        st.number_input("Percent of the pool", 0.1, 100.0, step=0.5, format="%.1f", key=session.BUDGET_PCT, label_visibility="collapsed")
     try:
-        sel = state.selection(run)
-        st.caption(f"Selected **{len(sel.ids):,}** of {run.train.height:,} examples")
+        sel = backend.selection(run)
+        shortfall = f" · G2IS shortfall **{sel.shortfall:,}** (not filled)" if sel.shortfall else ""
+        st.caption(f"Selected **{len(sel.ids):,}** of {run.train.height:,} examples{shortfall}")
     except Exception as err:  # shown, not raised: the sidebar must stay usable
-        st.caption(f":red[Selection failed: {err}]")
+        st.caption(f":red[Selection failed: {session.escape(err)}]")
 
 
 def _mode_label(mode: str) -> str:
@@ -59,12 +68,12 @@ def _mode_label(mode: str) -> str:
 def _edit_history(run: Run) -> None:
     """Number of edits and a step-by-step undo."""
     try:
-        edits = state.edits(run)
+        edits = backend.edits(run)
     except Exception as err:
-        st.caption(f":red[Edits unreadable: {err}]")
+        st.caption(f":red[Edits unreadable: {session.escape(err)}]")
         return
     st.divider()
     st.caption(f"Curation edits: **{len(edits)}**" + (f" · last: {edits[-1]['op']} {len(edits[-1]['ids']):,} ids" if edits else ""))
     if st.button("Undo last edit", icon=":material/undo:", disabled=not edits, width="stretch", key="undo"):
-        state.undo_edit(run)
+        backend.undo_edit(run)
         st.rerun()

@@ -1,19 +1,20 @@
-"""Small page helpers: the open-run guard and consistent headers."""
+"""Small page helpers: the open-run guard, consistent headers, and escaped user text."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import state
-from gist_backend.runs import Run, RunError
+from dashboard import backend, session
+from gist_backend.runs.files import RunError
+from gist_backend.runs.store import Run
 
 
 def require_run() -> Run:
     """The open run, or stop the page with a pointer to the Runs view."""
     try:
-        run = state.current_run()
+        run = backend.current_run()
     except RunError as err:
-        state.show_error(err, "The run cannot be opened")
+        session.show_error(err, "The run cannot be opened")
         st.page_link("views/runs.py", label="Choose another run", icon=":material/folder_open:")
         st.stop()
     if run is None:
@@ -30,6 +31,7 @@ def header(title: str, caption: str) -> None:
 
 
 def settings_line(run: Run) -> str:
-    """'GIST · rank 64 · budget 5%' for captions."""
-    m = state.method(run)
-    return f"{state.METHOD_LABELS.get(m, m)} · rank {state.rank()} · budget {state.budget(run)}"
+    """'GIST · rank 64 · budget 5% · target mmlu' for captions (escaped: the target name is user data)."""
+    m = backend.method(run)
+    target = f" · target {session.escape(run.target)}" if len(run.targets) > 1 else ""
+    return f"{session.METHOD_LABELS[m]} · rank {session.rank()} · budget {backend.budget(run)}{target}"

@@ -14,20 +14,20 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
-    from gist_backend.testing import make_tiny_model
+    from gist_backend.devkit.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory):
-    from gist_backend.testing import make_tiny_model
+    from gist_backend.devkit.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("gpt2"), "gpt2")
 
 
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
-    from gist_backend.testing import make_toy_data
+    from gist_backend.devkit.tiny import make_toy_data
 
     return make_toy_data(tmp_path_factory.mktemp("toy"), n_train=60, n_val=12)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from gist_backend.adam import (
+from gist_backend.methods.adam import (
     ADAM_STATE_FILENAME,
     adam_precondition,
     load_adam_state,

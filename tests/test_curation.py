@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gist_backend import curation, runs
-from gist_backend.curation import add_edit, edit_state, load_edits, undo
+from gist_backend.curation import edits as curation
+from gist_backend.runs import files as runs_files
+from gist_backend.curation.edits import add_edit, edit_state, load_edits, undo
 from gist_backend.runs import RunError, open_run
-from gist_backend.synthetic import synthetic_run
+from gist_backend.devkit.synthetic import synthetic_run
 
 torch.set_num_threads(1)
 
@@ -102,7 +103,7 @@ def test_failed_write_keeps_earlier_edits(fresh, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(runs.os, "replace", crash)  # the rename that would publish the new log
+    monkeypatch.setattr(runs_files.os, "replace", crash)  # the rename that would publish the new log
     with pytest.raises(OSError, match="disk full"):
         add_edit(fresh, "exclude", ["b"], "api")
     with pytest.raises(OSError, match="disk full"):
@@ -115,7 +116,7 @@ def test_failed_write_keeps_earlier_edits(fresh, monkeypatch):
 
 WRITER = """
 import sys
-from gist_backend.curation import add_edit
+from gist_backend.curation.edits import add_edit
 i = 0
 while True:
     add_edit(sys.argv[1], "include" if i % 2 else "exclude", [f"x{i}", f"y{i}"], {"kind": "cli", "detail": f"edit {i}"})

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from gist_backend import scoring  # noqa: E402
+from gist_backend.curation import scoring  # noqa: E402
 from gist_backend.runs import open_run  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
@@ -26,7 +26,7 @@ TIMEOUT = 120
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     """A tiny complete run with every method (built once per module)."""
-    from gist_backend.synthetic import synthetic_run
+    from gist_backend.devkit.synthetic import synthetic_run
 
     root = tmp_path_factory.mktemp("dash-runs")
     return Path(synthetic_run(root / "tiny", n_train=240, n_val=30, n_tasks=3, k_max=16, n_ckpt=2, n_sources=4,
@@ -61,6 +61,11 @@ def assert_clean(at: AppTest) -> None:
     """No uncaught exception and no error box."""
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
+
+
+def plain(markdown: str) -> str:
+    """Markdown shown by the app with its escapes removed (user text in messages is escaped)."""
+    return markdown.replace("\\", "")
 
 
 def table_ids(at: AppTest) -> list[str]:
@@ -117,7 +122,7 @@ def test_no_run_open_points_to_runs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_broken_run_shows_reason_not_trace(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = run_dir / "train_coords.npy"
+    path = run_dir / "targets" / "synthetic" / "gist_unit.npy"
     path.write_bytes(path.read_bytes()[:100])
     monkeypatch.delenv("GIST_RUN_DIR", raising=False)
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
@@ -125,7 +130,7 @@ def test_broken_run_shows_reason_not_trace(run_dir: Path, monkeypatch: pytest.Mo
     at.run()
     at.switch_page("views/examples.py").run()
     assert not at.exception
-    assert any("train_coords.npy" in e.value for e in at.error)
+    assert any("gist_unit.npy" in plain(e.value) for e in at.error)
 
 
 # ---------------------------------------------------------------- rank slider
@@ -153,7 +158,7 @@ def test_rank_slider_changes_top_order_as_backend(run_dir: Path, monkeypatch: py
 def test_filters(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = open_run(run_dir)
     at = app(run_dir, monkeypatch, "examples")
-    texts = run.train["text"].to_list()
+    texts = run.text.to_list()
     word = "python"
     at.text_input(key="f_text").set_value(word).run()
     expected = sum(word in t.lower() for t in texts)
@@ -167,7 +172,7 @@ def test_filters(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(table_ids(at)) > 0
     # invalid regex: an error message, no exception
     at.text_input(key="f_text").set_value("(unclosed").run()
-    assert not at.exception and any("invalid regular expression" in e.value for e in at.error)
+    assert not at.exception and any("invalid regular expression" in plain(e.value) for e in at.error)
     at.text_input(key="f_text").set_value("").run()
     at.toggle(key="f_regex").set_value(False).run()
     # source facet
@@ -194,7 +199,7 @@ def test_filters(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_include_exclude_change_the_export(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from gist_backend.curation import load_edits
+    from gist_backend.curation.edits import load_edits
 
     run = open_run(run_dir)
     at = app(run_dir, monkeypatch, "examples")
@@ -204,12 +209,12 @@ def test_include_exclude_change_the_export(run_dir: Path, monkeypatch: pytest.Mo
     top = table_ids(at)[0]
     assert top in before
     # one row: the detail pane shows the top row; exclude it
-    at.button(key="row_exclude").click().run()
+    at.button(key="detail_exclude").click().run()
     assert_clean(at)
     # every row matching a filter: include the last-ranked example by searching its id text
     last = run.train["id"][int(scoring.ranking(scoring.scores(run, "gist", run.k_max))[-1])]
     assert last not in before
-    at.text_input(key="f_text").set_value(run.train.filter(run.train["id"] == last)["text"][0][:60]).run()
+    at.text_input(key="f_text").set_value(run.text[run.row_index[last]][:60]).run()
     assert last in table_ids(at)
     button(at, "Include all").click().run()
     assert_clean(at)
@@ -222,11 +227,11 @@ def test_include_exclude_change_the_export(run_dir: Path, monkeypatch: pytest.Mo
 
 
 def test_edits_persist_and_undo_step_by_step(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gist_backend.curation import load_edits
+    from gist_backend.curation.edits import load_edits
 
     at = app(run_dir, monkeypatch, "examples")
     first = table_ids(at)[:2]
-    at.button(key="row_exclude").click().run()  # top row
+    at.button(key="detail_exclude").click().run()  # top row
     at.text_input(key="f_text").set_value(first[1]).run()
     button(at, "Exclude all").click().run()
     assert len(load_edits(run_dir)) == 2
@@ -246,7 +251,7 @@ def test_edits_persist_and_undo_step_by_step(run_dir: Path, monkeypatch: pytest.
 
 
 def test_map_selection_from_session_state(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from gist_backend.curation import load_edits
+    from gist_backend.curation.edits import load_edits
 
     run = open_run(run_dir)
     at = app(run_dir, monkeypatch, "map")
@@ -298,16 +303,17 @@ def test_compare_shows_g2is_as_a_set(run_dir: Path, monkeypatch: pytest.MonkeyPa
 
 def test_compute_form_validation_and_job_lifecycle(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from dashboard import jobs
+    from gist_backend.config import ComputeConfig
 
     at = app(run_dir, monkeypatch)
     submit = [b for b in at.button if b.label == "Start computing"][0]
     submit.click().run()
-    assert not at.exception and any("Give a model" in e.value for e in at.error)
+    assert not at.exception and any("Give a model" in plain(e.value) for e in at.error)
     # a job whose inputs do not exist fails with the reason, not a trace
-    opts = jobs.ComputeOptions(model="no-such-model", train=[str(tmp_path / "missing.jsonl")], val=[str(tmp_path / "missing-val.jsonl")])
-    assert jobs.compute_command(opts, tmp_path / "r")[:4] == [sys.executable, "-m", "gist_backend.cli", "compute"]
+    config = ComputeConfig(model="no-such-model", train=[str(tmp_path / "missing.jsonl")], val=[str(tmp_path / "missing-val.jsonl")])
+    assert jobs.command("compute", config.to_argv(), tmp_path / "r")[:4] == [sys.executable, "-m", "gist_backend.cli", "compute"]
     job_dir = tmp_path / "runs" / "bad"
-    jobs.launch(opts, job_dir)
+    jobs.launch("compute", config.to_argv(), job_dir)
     deadline = time.time() + 120
     while jobs.job_status(job_dir).state == "running" and time.time() < deadline:
         time.sleep(0.5)
@@ -319,7 +325,7 @@ def test_compute_form_validation_and_job_lifecycle(run_dir: Path, monkeypatch: p
     fake = tmp_path / "runs" / "slow"
     fake.mkdir(parents=True)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "gist_backend.cli", "compute"], start_new_session=True)
-    (fake / jobs.PID_FILE).write_text(str(proc.pid))
+    (fake / "compute.pid").write_text(str(proc.pid))
     assert jobs.job_status(fake).state == "running"
     assert jobs.cancel(fake)
     proc.wait(timeout=10)
@@ -352,7 +358,7 @@ def test_map_figure_density_mode_keeps_ids_in_customdata() -> None:
 
 
 def test_selection_ids_read_dict_style() -> None:
-    from dashboard.state import selection_ids
+    from dashboard.events import selection_ids
 
     event = {"selection": {"points": [{"customdata": "a"}, {"customdata": ["b", 1]}, {"customdata": "a"}, {"x": 1}], "box": [], "lasso": []}}
     assert selection_ids(event) == ["a", "b"]
@@ -365,9 +371,9 @@ def test_export_outside_the_allowed_folders_is_refused(run_dir: Path, monkeypatc
     at.text_input(key="export_path").set_value(str(outside))
     button(at, "Write").click().run()
     assert not outside.exists()
-    assert at.error and "outside the allowed folders" in at.error[0].value
+    assert at.error and "outside the allowed folders" in plain(at.error[0].value)
     escape = run_dir.parent / "out" / ".." / ".." / "escape.jsonl"
     at.text_input(key="export_path").set_value(str(escape))
     button(at, "Write").click().run()
     assert not escape.resolve().exists()
-    assert [e.value for e in at.error if "outside the allowed folders" in e.value], [e.value for e in at.error] + [s.value for s in at.success]
+    assert [e.value for e in at.error if "outside the allowed folders" in plain(e.value)], [e.value for e in at.error] + [s.value for s in at.success]

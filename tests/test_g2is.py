@@ -1,11 +1,9 @@
-import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from gist_backend.g2is import g2is_select, knn_graph, pca_components, split_budget
+from gist_backend.methods.g2is import g2is_select, knn_graph, pca_components, split_budget
 
 torch.set_num_threads(1)
 
@@ -20,29 +18,41 @@ def _data(n=300, m=40, p=32, seed=0, shared=1.5, noise=1.0):
     return train, val
 
 
-def _reference(train, val, budget, k, delta, n_anchors, thr):
-    """The method exactly as written in DESIGN §4, in float64 with explicit loops over the chosen set."""
+def _authors_budgets(total: int, ratios: list[float]) -> list[int]:
+    """The G2IS authors' largest-remainder split, restated: floor, then +1 in reversed numpy argsort order of remainders."""
+    exact = total * np.asarray(ratios) / np.sum(ratios)
+    parts = np.floor(exact).astype(int)
+    for c in np.argsort(exact - parts)[::-1][: total - parts.sum()]:
+        parts[c] += 1
+    return parts.tolist()
+
+
+def _reference(train, val, budget, k, delta, n_anchors, thr, orientation="sklearn"):
+    """An independent port of the G2IS authors' walk (their gradient_walk.py, restated in float64 numpy).
+
+    PCA is scikit-learn's, exactly as they call it (``PCA(n_components=thr)`` on the normalised validation
+    features, components used with the sign sklearn gives them); budgets split by their largest-remainder rule;
+    anchors are the top ``n_anchors`` by cosine with the component; the walk scans the last pick's neighbours
+    (sorted by similarity) and falls back to all rows sorted by cosine with the component, each candidate
+    checked against no-conflict and |cos(S + x, v)| ≥ δ |cos(S, v)|; a component stops when nothing passes.
+    ``orientation="mean"`` flips each component along the mean validation feature first (our option).
+    """
+    from sklearn.decomposition import PCA
+
     x = train.double().numpy()
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     v = val.double().numpy()
     v = v / np.linalg.norm(v, axis=1, keepdims=True)
-    mu = v.mean(0)
-    _, s, wt = np.linalg.svd(v - mu, full_matrices=False)
-    ratio = s**2 / np.sum(s**2)
-    kc = int(np.argmax(np.cumsum(ratio) >= thr - 1e-12)) + 1
-    comps = [wt[c] if wt[c] @ mu >= 0 else -wt[c] for c in range(kc)]
-    # largest remainder with exact fractions
-    fr = [Fraction(float(r)) for r in ratio[:kc]]
-    quotas = [budget * f / sum(fr) for f in fr]
-    parts = [math.floor(q) for q in quotas]
-    for c in sorted(range(kc), key=lambda c: (-(quotas[c] - parts[c]), c))[: budget - sum(parts)]:
-        parts[c] += 1
+    pca = PCA(n_components=thr).fit(v)
+    comps = pca.components_ / np.linalg.norm(pca.components_, axis=1, keepdims=True)
+    if orientation == "mean":
+        comps = np.stack([c if c @ v.mean(0) >= 0 else -c for c in comps])
+    parts = _authors_budgets(budget, list(pca.explained_variance_ratio_))
     sims = x @ x.T
     np.fill_diagonal(sims, -np.inf)
     nbrs = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     used, selected = set(), []
-    for c in range(kc):
-        vc = comps[c]
+    for c, vc in enumerate(comps):
         cv = x @ vc
         anchors = np.argsort(-cv, kind="stable")[:n_anchors]
         chosen = []
@@ -50,34 +60,28 @@ def _reference(train, val, budget, k, delta, n_anchors, thr):
         def ok(i):
             if i in used or any(x[i] @ x[s] < 0 for s in chosen):
                 return False
-            if not chosen:  # S = 0: rule (b) is vacuous
-                return True
             S = x[chosen].sum(0)
-            before = abs(S @ vc) / np.linalg.norm(S)
+            before = abs(S @ vc) / np.linalg.norm(S) if chosen else 0.0
             after = abs((S + x[i]) @ vc) / np.linalg.norm(S + x[i])
             return after >= delta * before
 
         while len(chosen) < parts[c]:
-            if not chosen:
-                free = [a for a in anchors if a not in used]
-                pick = free[0] if free else None
-            else:
-                pick = next((int(j) for j in nbrs[chosen[-1]] if ok(int(j))), None)
+            pick = next((int(a) for a in anchors if int(a) not in used), None) if not chosen else next((int(j) for j in nbrs[chosen[-1]] if ok(int(j))), None)
             if pick is None:
                 pick = next((int(j) for j in np.argsort(-cv, kind="stable") if ok(int(j))), None)
             if pick is None:
                 break
-            chosen.append(int(pick))
-            used.add(int(pick))
+            chosen.append(pick)
+            used.add(pick)
         selected.extend(chosen)
     return selected, parts
 
 
-def _replay(train, res, delta, val):
+def _replay(train, res, delta, val, orientation="sklearn"):
     """Check the rules step by step from the result's walk order."""
     x = train.double()
     x = x / x.norm(dim=1, keepdim=True)
-    comps, _ = pca_components(val)
+    comps, _ = pca_components(val, orientation=orientation)
     assert len(set(res.selected)) == len(res.selected)
     for info, vc in zip(res.per_component, comps.double()):
         ch = info["chosen"]
@@ -92,8 +96,8 @@ def _replay(train, res, delta, val):
 
 
 def test_split_budget_largest_remainder():
-    assert split_budget(10, [0.4, 0.35, 0.25]) == [4, 4, 2]  # remainders .5/.5 tie → lower index
-    assert split_budget(7, [1, 1, 1]) == [3, 2, 2]
+    assert split_budget(10, [0.4, 0.35, 0.25]) == [4, 3, 3]  # remainders .5/.5 tie → the later component (reversed argsort)
+    assert split_budget(7, [1, 1, 1]) == [2, 2, 3] == _authors_budgets(7, [1, 1, 1])
     assert split_budget(0, [0.3, 0.2]) == [0, 0]
     g = np.random.default_rng(0)
     for _ in range(100):
@@ -101,6 +105,7 @@ def test_split_budget_largest_remainder():
         b = int(g.integers(0, 1000))
         parts = split_budget(b, r)
         assert sum(parts) == b and all(abs(pi - b * ri / sum(r)) < 1 for pi, ri in zip(parts, r))
+        assert parts == _authors_budgets(b, r)
     with pytest.raises(ValueError):
         split_budget(3, [0.0, 0.0])
 
@@ -117,28 +122,40 @@ def test_knn_graph_equals_bruteforce(block):
     assert knn_graph(x[:5], 10).shape == (5, 4)  # k clamped to N-1
 
 
-@pytest.mark.parametrize("flush_every", [1, 3, 64])
-def test_matches_reference_walk(flush_every):
+@pytest.mark.parametrize("flush_every,orientation", [(1, "sklearn"), (3, "mean"), (64, "sklearn")])
+def test_matches_the_authors_walk(flush_every, orientation):
     train, val = _data()
     res = g2is_select(train, val, 40, knn_k=10, delta=0.8, n_anchors=20, device="cpu", block=64,
-                      progress=False, flush_every=flush_every)
-    ref, parts = _reference(train, val, 40, 10, 0.8, 20, 0.5)
+                      progress=False, flush_every=flush_every, orientation=orientation)
+    ref, parts = _reference(train, val, 40, 10, 0.8, 20, 0.5, orientation)
     assert res.selected == ref
     assert [c["budget"] for c in res.per_component] == parts and sum(parts) == 40
     assert len(res.per_component) >= 2
-    _replay(train, res, 0.8, val)
+    _replay(train, res, 0.8, val, orientation)
+
+
+def test_orientation_changes_the_walk_and_sklearn_signs_match():
+    from sklearn.decomposition import PCA
+
+    train, val = _data(seed=2)
+    ours, _ = pca_components(val, 0.5)
+    theirs = PCA(n_components=0.5).fit(torch.nn.functional.normalize(val.double(), dim=1).numpy()).components_
+    np.testing.assert_allclose(ours.numpy(), theirs / np.linalg.norm(theirs, axis=1, keepdims=True), atol=1e-5)
+    sets = {o: set(g2is_select(train, val, 40, knn_k=10, progress=False, orientation=o).selected) for o in ("sklearn", "mean")}
+    flipped = [c for c in range(len(ours)) if float(ours[c] @ torch.nn.functional.normalize(val, dim=1).mean(0)) < 0]
+    assert (sets["sklearn"] != sets["mean"]) == bool(flipped)
 
 
 def test_reference_with_tight_constraints_and_fallbacks():
     train, val = _data(n=200, p=24, seed=1, shared=0.0, noise=1.2)  # many conflicts → fallbacks and shortfalls
-    res = g2is_select(train, val, 60, knn_k=5, delta=0.9, n_anchors=1, block=50, progress=False, flush_every=4)
-    ref, _ = _reference(train, val, 60, 5, 0.9, 1, 0.5)
+    res = g2is_select(train, val, 60, knn_k=5, delta=0.9, n_anchors=1, block=50, progress=False, flush_every=4, orientation="mean")
+    ref, _ = _reference(train, val, 60, 5, 0.9, 1, 0.5, "mean")
     assert res.selected == ref
     comps = res.per_component
     assert sum(c["fallback_steps"] for c in comps) > 0
     assert sum(c["shortfall"] for c in comps) > 0
     assert any(c["start_from_anchor"] is False for c in comps)  # its only anchor was taken by an earlier component
-    _replay(train, res, 0.9, val)
+    _replay(train, res, 0.9, val, "mean")
 
 
 def test_rules_hold_and_deterministic():
@@ -192,10 +209,12 @@ def _remap(res, keep):
 
 def test_pca_orientation_and_threshold():
     train, val = _data()
-    comps, ratios = pca_components(val, 0.5)
-    assert sum(ratios[:-1]) < 0.5 <= sum(ratios) + 1e-9
+    comps, ratios = pca_components(val, 0.5, orientation="mean")
+    assert sum(ratios[:-1]) <= 0.5 < sum(ratios) + 1e-9
     v = torch.nn.functional.normalize(val, dim=1)
     assert bool(((comps @ v.mean(0)) >= 0).all())
+    sk, _ = pca_components(val, 0.5)
+    assert bool((sk.gather(1, sk.abs().argmax(1, keepdim=True)) > 0).all())  # sklearn's rule: largest |entry| positive
     torch.testing.assert_close(comps @ comps.T, torch.eye(len(ratios)), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="at least 2 validation"):
         pca_components(val[:1])

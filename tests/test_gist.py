@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gist_backend.geometry import coupling, module_slices, normalised_block, spectrum
-from gist_backend.gist import fit_subspace, gist_scores
+from gist_backend.methods.geometry import coupling, module_slices, normalised_block, spectrum
+from gist_backend.methods.gist import fit_subspace, gist_scores
 
 
 def svd_scores(val_grads, train_grads, tasks, rank):
@@ -20,6 +20,19 @@ def svd_scores(val_grads, train_grads, tasks, rank):
         c = z_val[labels == t].mean(0)
         cos = z_train @ c / (np.linalg.norm(z_train, axis=1) * np.linalg.norm(c))
         best = np.maximum(best, cos)
+    return best
+
+
+def svd_global_scores(val_grads, train_grads, tasks, rank):
+    """Independent GIST-global: the cosine of the whole gradient with each sub-task's direction V_r ĉ_t in gradient space."""
+    _, _, vt = np.linalg.svd(val_grads.astype(np.float64), full_matrices=False)
+    v = vt[:rank].T
+    z_val = val_grads @ v
+    labels = np.asarray(tasks)
+    best = np.full(len(train_grads), -np.inf)
+    for t in sorted(set(tasks)):
+        direction = v @ z_val[labels == t].mean(0)
+        best = np.maximum(best, train_grads @ direction / (np.linalg.norm(train_grads, axis=1) * np.linalg.norm(direction)))
     return best
 
 
@@ -50,6 +63,15 @@ def test_scores_from_stored_coordinates_equal_svd_recomputation_at_every_rank(gr
     np.testing.assert_allclose(ours, svd_scores(val, train, tasks, rank), atol=1e-4)
 
 
+def _cosines(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Plain cosine of every row of x with every row of c."""
+    return (x @ c.T) / np.linalg.norm(x, axis=1, keepdims=True) / np.linalg.norm(c, axis=1)[None, :]
+
+
+def _centroids(val_coords: np.ndarray, tasks: list[str], rank: int) -> np.ndarray:
+    return np.stack([val_coords[np.asarray(tasks) == t, :rank].mean(0) for t in sorted(set(tasks))])
+
+
 def test_checkpoint_weights_average_cosines_before_the_max(gradients):
     val, train, tasks = gradients
     runs = []
@@ -59,10 +81,28 @@ def test_checkpoint_weights_average_cosines_before_the_max(gradients):
     train_c = np.stack([r[0] for r in runs])
     val_c = np.stack([r[1] for r in runs])
     ours = gist_scores(train_c, val_c, tasks, [3.0, 1.0], 4)
-    from gist_backend.gist import per_task_cosines
+    expected = sum(w * _cosines(t[:, :4], _centroids(v, tasks, 4)) for w, t, v in zip((0.75, 0.25), train_c, val_c))
+    np.testing.assert_allclose(ours, expected.max(1), atol=1e-5)
 
-    expected = 0.75 * per_task_cosines(train_c[0], val_c[0], tasks, 4)[1] + 0.25 * per_task_cosines(train_c[1], val_c[1], tasks, 4)[1]
-    np.testing.assert_allclose(ours, expected.max(1), atol=1e-6)
+
+def test_gist_global_is_the_cosine_of_the_whole_gradient_with_the_target_direction(gradients):
+    val, train, tasks = gradients
+    _, basis, val_coords = fit_subspace(val, k_max=8)
+    coords = train @ basis
+    norms = np.linalg.norm(coords, axis=1)
+    unit = coords / norms[:, None]
+    for rank in (1, 3, 8):
+        centroids = _centroids(val_coords, tasks, rank)
+        directions = (basis[:, :rank] @ (centroids / np.linalg.norm(centroids, axis=1, keepdims=True)).T).T  # unit vectors in gradient space
+        expected = _cosines(train, directions).max(1)
+        ours = gist_scores(unit[None], val_coords[None], tasks, [1.0], rank, coord_norms=norms[None], grad_norms=np.linalg.norm(train, axis=1)[None])
+        np.testing.assert_allclose(ours, expected, atol=1e-5)
+        # and it is the published subspace cosine times the share of the gradient the first `rank` directions hold
+        inside = gist_scores(unit[None], val_coords[None], tasks, [1.0], rank)
+        share = np.linalg.norm(coords[:, :rank], axis=1) / np.linalg.norm(train, axis=1)
+        per_task_product = _cosines(coords[:, :rank], centroids) * share[:, None]
+        np.testing.assert_allclose(ours, per_task_product.max(1), atol=1e-5)
+        assert np.all(np.abs(ours) <= np.abs(inside) + 1e-6)
 
 
 def test_rank_deficient_validation_keeps_only_real_directions():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gist_backend.data import load_records, tokenize_records
-from gist_backend.grads import iter_gradients, length_buckets, lora_factors
-from gist_backend.model import attach_lora, load_model
+from gist_backend.engine.records import load_records
+from gist_backend.engine.tokenize import tokenize_records
+from gist_backend.engine.grads import iter_gradients, length_buckets, lora_factors
+from gist_backend.engine.model import attach_lora, load_model
 
 
 def reference_gradients(model, examples) -> torch.Tensor:

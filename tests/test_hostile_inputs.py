@@ -17,10 +17,11 @@ import polars as pl
 import pytest
 
 from gist_backend.compute import ComputeConfig, compute
-from gist_backend.data import DataError, load_records, tokenize_records
+from gist_backend.engine.records import DataError, load_records
+from gist_backend.engine.tokenize import tokenize_records
 from gist_backend.runs import open_run
-from gist_backend.scoring import scores
-from gist_backend.selection import export_jsonl, select
+from gist_backend.curation.scoring import scores
+from gist_backend.curation import export_jsonl, select
 
 MAX_LEN = 96
 TEN_MB = 10 * 2**20
@@ -169,7 +170,7 @@ def test_huge_records_cost_what_short_ones_do(tokenizer, tmp_path):
     """Text beyond max_len × 64 characters is cut before tokenising: the first max_len tokens are unchanged."""
     import time
 
-    from gist_backend.data import Record
+    from gist_backend.engine.records import Record
 
     def record(rid: str, answer: str) -> Record:
         return Record(rid, "s", "all", ({"role": "user", "content": "Say it."}, {"role": "assistant", "content": answer}), "{}", "f", 1)
@@ -241,7 +242,7 @@ def test_json_array_and_parquet_with_bad_rows(tmp_path):
 
 @pytest.fixture(scope="module")
 def hostile_run(tiny_llama, corpus, tmp_path_factory):
-    from gist_backend.testing import make_toy_data
+    from gist_backend.devkit.tiny import make_toy_data
 
     path, good, bad = corpus
     folder = tmp_path_factory.mktemp("hostile-run")
@@ -289,7 +290,7 @@ def test_pool_smaller_than_budget_is_clamped_with_a_warning(hostile_run, tmp_pat
 
 
 def test_validation_set_of_one_example(tiny_llama, tmp_path):
-    from gist_backend.testing import make_toy_data
+    from gist_backend.devkit.tiny import make_toy_data
 
     pool, val = make_toy_data(tmp_path / "data", n_train=12, n_val=3)
     one = tmp_path / "one.jsonl"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from gist_backend.less import checkpoint_weights_from_lrs, less_scores, normalize_rows
+from gist_backend.methods.less import checkpoint_weights_from_lrs, less_scores, normalize_rows
 
 torch.set_num_threads(1)
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from gist_backend import maps
-from gist_backend.maps import umap_map
+from gist_backend.curation import maps
+from gist_backend.curation.maps import umap_map
 from gist_backend.runs import open_run
-from gist_backend.synthetic import synthetic_run
+from gist_backend.devkit.synthetic import synthetic_run
 
 torch.set_num_threads(1)
 
@@ -35,12 +35,12 @@ def test_low_ranks_are_the_coordinates(run, monkeypatch):
     one = umap_map(run, 1)
     assert one["train_xy"].shape == (300, 2) and not one["train_xy"][:, 1].any()
     np.testing.assert_array_equal(one["train_xy"][:, 0], run.train_coords[-1, :, 0])
-    assert (run.path / "maps" / "umap-r1.safetensors").exists()
+    assert (run.path / "maps" / "umap-synthetic-r1.safetensors").exists()
 
 
 @pytest.mark.slow  # UMAP's numba JIT costs ~12 s of CPU in a fresh process, whatever the data size
 def test_umap_shapes_and_cache(run, monkeypatch):
-    path = run.path / "maps" / "umap-r6.safetensors"
+    path = run.path / "maps" / "umap-synthetic-r6.safetensors"
     path.unlink(missing_ok=True)
     first = umap_map(run, 6, n_neighbors=10)
     assert first["train_xy"].shape == (300, 2) and first["val_xy"].shape == (18, 2) and first["centroid_xy"].shape == (3, 2)
@@ -73,7 +73,7 @@ def test_umap_fits_a_sample_and_places_the_rest(run):
     rest = np.setdiff1d(np.arange(300), fitted)
     lo, hi = out["train_xy"][fitted].min(axis=0), out["train_xy"][fitted].max(axis=0)
     assert ((out["train_xy"][rest] >= lo - 1e-4) & (out["train_xy"][rest] <= hi + 1e-4)).all()
-    with pytest.raises(ValueError, match="rank must be between"):
+    with pytest.raises(ValueError, match="rank must be a whole number from 1"):
         umap_map(run, 0)
 
 

@@ -1,4 +1,4 @@
-"""Tests for gist_backend.model: loading, LoRA attachment, parameter order, adapters, the SmolLM2 gguf."""
+"""Tests for gist_backend.engine.model: loading, LoRA attachment, parameter order, adapters, the SmolLM2 gguf."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from gist_backend import model as gm
+from gist_backend.engine import model as gm
 
 torch.set_num_threads(1)
 

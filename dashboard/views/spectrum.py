@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import figures, state, ui
+from dashboard import backend, figures, session, ui
 
 
 def _set_rank(value: int) -> None:
     """Callback: move the shared rank slider."""
-    st.session_state[state.RANK] = int(value)
+    st.session_state[session.RANK] = int(value)
 
 
 run = ui.require_run()
 ui.header("Spectrum", "How much of the target task's gradient energy the first r GIST directions capture; the rank r chosen here scores every view.")
-checkpoints = state.geometry(run)["checkpoints"]
+checkpoints = backend.geometry(run)["checkpoints"]
 spec = checkpoints[-1]["spectrum"]
-r = state.rank()
+r = session.rank()
 
 cols = st.columns(6)
 cols[0].metric("Current rank r", r, help="Set with the slider in the sidebar, or jump below.")

@@ -1,0 +1,184 @@
+"""What each `gist-curate` command does (the parser is in ``cli``); each is a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .cli import config_from_args, json_dump
+from .config import METHOD_LABELS
+
+
+def cmd_compute(args: argparse.Namespace) -> None:
+    from .compute import compute
+
+    run_dir = compute(config_from_args(args), args.run_dir, dump_full_grads=args.dump_full_grads, overwrite=args.overwrite)
+    print(f"run complete: {run_dir}\nnext: gist-curate info --run-dir {run_dir}")
+
+
+def cmd_scores(args: argparse.Namespace) -> None:
+    from .curation.export import check_output
+    from .curation.scoring import scores
+    from .runs.files import atomic_path
+    from .runs.store import open_run
+
+    run = open_run(args.run_dir, args.target)
+    out = check_output(run, args.out, force=args.force, sidecar=False)
+    values = scores(run, args.method, args.rank, seed=args.seed)
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "score"])
+        writer.writerows(zip(run.train["id"].to_list(), (f"{v:.8g}" for v in values)))
+    print(f"wrote {len(values)} {METHOD_LABELS[args.method]} scores ({run.target}) to {out}")
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from .curation.export import export_jsonl
+    from .curation.selection import select
+    from .runs.store import open_run
+
+    run = open_run(args.run_dir, args.target)
+    selection = select(run, method=args.method, rank=args.rank, budget=args.budget, per_source_cap=args.per_source_cap, seed=args.seed,
+                       g2is_orientation=args.g2is_orientation)  # fmt: skip
+    manifest = export_jsonl(run, selection, args.out, with_meta=args.with_meta, force=args.force)
+    for warning in selection.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    shortfall = f"; G2IS shortfall {selection.shortfall} (not filled)" if selection.shortfall else ""
+    print(f"selected {len(selection.ids)} of {run.train.height} examples ({args.method}, target {run.target}{shortfall}) → {args.out}\n"
+          f"records copied from the run (as read at compute time); manifest {manifest}")  # fmt: skip
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from .curation.edits import add_edit, load_edits, undo
+    from .runs.store import open_run
+
+    if args.op == "list":
+        for e in load_edits(args.run_dir):
+            scope = f" [{e['target']}]" if e.get("target") else ""
+            print(f"{e['time']}  {e['op']:<8} {len(e['ids']):>6} ids{scope}  from {e['origin'].get('kind')}: {e['origin'].get('detail')}")
+        return
+    if args.op == "undo":
+        print(f"undone; {len(undo(args.run_dir))} edits remain")
+        return
+    ids = list(args.ids)
+    if args.ids_file:
+        ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError("give ids as arguments or with --ids-file")
+    run = open_run(args.run_dir, args.target)  # validates the run and the ids before writing to it
+    edits = add_edit(run, args.op, ids, {"kind": "cli", "detail": " ".join(sys.argv[1:])[:200]}, target=run.target if args.only_target else None)
+    print(f"{args.op}: {len(ids)} ids{' for target ' + run.target if args.only_target else ''}; {len(edits)} edits in total")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .curation.compare import compare
+    from .runs.store import open_run
+
+    print(json_dump(compare(open_run(args.run_dir, args.target), args.budget, rank=args.rank)))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .compute import Progress
+    from .curation.selection import select
+    from .evaluate import EvalRecipe, evaluate, report_table, selection_from_file
+    from .runs.store import open_run
+
+    run = open_run(args.run_dir, args.target)
+    if args.selection:
+        selection = selection_from_file(run, args.selection)
+    elif args.budget is None:
+        raise ValueError("give --budget (with --method and --rank) or --selection FILE.jsonl")
+    else:
+        selection = select(run, method=args.method, rank=args.rank, budget=args.budget, seed=args.seed)
+    progress = Progress(run.path / "evals", file="progress.json")
+    try:
+        result = evaluate(run, args.test, selection, baselines=args.baselines, recipe=EvalRecipe.from_run(run, epochs=args.epochs, lr=args.lr),
+                          device=args.device, dtype=args.dtype, progress=progress)  # fmt: skip
+    except BaseException as err:
+        progress.finish("cancelled" if isinstance(err, KeyboardInterrupt) else "failed", f"{type(err).__name__}: {err}")
+        raise
+    progress.finish("complete", None)
+    print(report_table(result))
+    print(f"stored in {run.path / 'evals' / (result['id'] + '.json')}")
+    if args.json:
+        from .runs.files import write_json
+
+        write_json(args.json, result)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .curation.scoring import ranking, scores
+    from .runs.store import describe, open_run
+
+    run = open_run(args.run_dir, args.target)
+    facts = describe(run)
+    if args.json:
+        print(json_dump(facts))
+        return
+    m = run.manifest
+    print(f"run {run.path}  ({m.get('status')}, created {m.get('created')}, format {facts['format_version']})")
+    print(f"model {facts['model']}   d = {facts['d']}   k_max = {run.k_max}   gradient passes over the pool: {facts['gradient_passes']}")
+    print(f"pool {run.train.height} examples; target {run.target!r} ({run.val.height} validation examples in {len(set(run.val_tasks))} sub-tasks)"
+          + (f"; other targets: {', '.join(t for t in run.targets if t != run.target)}" if len(run.targets) > 1 else ""))  # fmt: skip
+    for name, method in facts["methods"].items():
+        print(f"  {METHOD_LABELS[name]:<12} checkpoints {', '.join(method['checkpoints'])}; {method['bytes_per_example']:,} B per example")
+    for ckpt in run.geometry()["checkpoints"]:
+        spec = ckpt["spectrum"]
+        sigma = ", ".join(f"{s:.3g}" for s in spec["sigma"][:8])
+        print(f"[{ckpt['name']}] σ: {sigma}{' …' if len(spec['sigma']) > 8 else ''}   r90/r95/r99 = {spec['r90']}/{spec['r95']}/{spec['r99']}   ρ = {ckpt['rho']:.3f}")
+    for warning in facts["warnings"]:
+        print(f"warning: {warning}")
+    rank = args.rank or run.k_max
+    values = scores(run, "gist", rank)
+    order = ranking(values)[: args.top]
+    print(f"\ntop {len(order)} examples by GIST at rank {rank}:")
+    texts = run.text.gather(order).to_list()
+    for position, (row, text) in enumerate(zip(order, texts), 1):
+        print(f"{position:>3}. {values[row]:+.4f}  [{run.train['source'][int(row)]}] {text.replace(chr(10), ' ')[:100]}")
+    if facts["timings"]:
+        print("\ntimings: " + ", ".join(f"{k} {v:.1f}s" for k, v in facts["timings"].items()))
+
+
+def dashboard_dir() -> Path:
+    """Folder of the dashboard package, wherever it is installed."""
+    spec = importlib.util.find_spec("dashboard")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the dashboard package is not installed; run `pip install -e .` in the repository")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def serve(run_dir: str | None, port: int = 8501, address: str = "127.0.0.1", allow_hosts: list[str] | None = None) -> int:
+    """Run the dashboard in the foreground (Ctrl-C stops it); its settings apply wherever it is started."""
+    cmd = [sys.executable, "-m", "streamlit", "run", str(dashboard_dir() / "server.py"),
+           "--server.address", address, "--server.port", str(port)]  # fmt: skip
+    env = dict(os.environ)
+    if run_dir:
+        env["GIST_RUN_DIR"] = str(Path(run_dir).resolve())
+    if allow_hosts:
+        env["GIST_ALLOWED_HOSTS"] = ",".join(allow_hosts)
+    print(f"dashboard: http://{address}:{port}  (Ctrl-C to stop)", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    raise SystemExit(serve(args.run_dir, args.port, args.address, args.allow_host))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .devkit.demo import run_demo
+
+    run_dir = run_demo(Path(args.run_dir), pool_size=args.pool_size, methods=args.methods)
+    cmd_info(argparse.Namespace(run_dir=str(run_dir), target=None, rank=None, top=10, json=False))
+    if not args.no_serve:
+        raise SystemExit(serve(str(run_dir), args.port))
+
+
+COMMANDS = {
+    "compute": cmd_compute, "scores": cmd_scores, "select": cmd_select, "edit": cmd_edit,
+    "compare": cmd_compare, "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "serve": cmd_serve,
+}  # fmt: skip

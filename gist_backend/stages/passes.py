@@ -1,0 +1,123 @@
+"""Stage 3: the gradient passes at one checkpoint.
+
+``validation_pass``: the target's validation gradients G (m × d; on disk beyond the memory budget) → the GIST
+subspace, spectrum and coupling (at GIST checkpoints) and the projected validation sketch (at LESS checkpoints).
+``pool_pass``: the pool's gradients in resumable shards → GIST coordinates Vᵀg and ‖g‖ (GIST checkpoints) and the
+Adam-preconditioned projected sketch (LESS checkpoints). Each file is written last in its stage, so its presence
+marks the stage finished; a damaged or mismatched file is recomputed. Under torchrun, process r takes shards
+r, r + world, …: every shard is computed exactly as in a single process, so merging gives the same run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ComputeConfig
+from ..engine.grads import iter_gradients, lora_factors
+from ..methods import geometry
+from ..methods.gist import fit_subspace
+from ..runs.files import read_tensors, tensors_complete, write_json, write_npy, write_tensors
+from .checkpoints import Checkpoint, adam_state
+
+SKETCH_BLOCK = 256  # validation rows projected at a time
+
+
+def validation_file(ckpt_dir: Path, target: str) -> Path:
+    """The file that holds a target's subspace and validation sketch at a checkpoint."""
+    return ckpt_dir / f"val-{target}.safetensors"
+
+
+def validation_done(ckpt_dir: Path, target: str, gist: bool, sketch: bool) -> bool:
+    """True when the validation pass of this checkpoint and target finished earlier."""
+    keys = ({"sigma": None, "basis": None, "val_coords": None} if gist else {}) | ({"val_sketch": None} if sketch else {})
+    return tensors_complete(validation_file(ckpt_dir, target), keys)
+
+
+def validation_pass(config: ComputeConfig, model, val_ex: list, pad_id: int, ckpt_dir: Path, target: str, *, gist: bool, sketch: bool,
+                    device, autocast, progress, dump_dir: Path | None = None) -> None:  # fmt: skip
+    """Validation gradients → subspace, spectrum, coupling (GIST) and projected sketch (LESS) for one checkpoint."""
+    factors = lora_factors(model)
+    d = sum(module.weight.numel() for _, module in factors)
+    m = len(val_ex)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    spill_path = ckpt_dir / f"val-{target}.spill.npy"
+    if m * d * 4 > config.memory_budget_gb * 2**30:
+        grads = np.lib.format.open_memmap(spill_path, mode="w+", dtype=np.float32, shape=(m, d))
+    else:
+        grads = np.empty((m, d), np.float32)
+    for indices, batch_grads, _ in iter_gradients(
+        model, val_ex, pad_id, device=device, max_tokens=config.max_tokens, max_batch=config.max_batch, autocast_dtype=autocast,
+        desc=f"val grads {ckpt_dir.name}", progress=lambda done, total, rate: progress(f"validation gradients ({ckpt_dir.name})", done, total, rate),
+    ):  # fmt: skip
+        grads[indices] = batch_grads.cpu().numpy()
+    tensors: dict[str, np.ndarray] = {}
+    if gist:
+        sigma_all, basis, val_coords = fit_subspace(grads, config.k_max)
+        tensors.update(sigma=sigma_all.astype(np.float32), basis=basis, val_coords=val_coords)
+        slices = geometry.module_slices([n for n, _ in factors], [module.weight.numel() for _, module in factors])
+        summary, blocks = geometry.coupling(grads, slices)
+        blocks["gist_block"] = geometry.normalised_block(val_coords[:, : geometry.MAX_BLOCK]).astype(np.float32)
+        write_tensors(ckpt_dir / f"coupling-{target}.safetensors", blocks)
+        write_json(ckpt_dir / f"geometry-{target}.json", {"spectrum": geometry.spectrum(sigma_all), **summary})
+    if sketch:
+        from ..methods.projection import make_projection, project
+
+        proj = make_projection(d, config.less_dim, config.seed)
+        tensors["val_sketch"] = np.concatenate(
+            [project(proj, torch.as_tensor(np.asarray(grads[s : s + SKETCH_BLOCK]))).numpy() for s in range(0, m, SKETCH_BLOCK)]
+        ).astype(np.float16)
+    if dump_dir is not None:
+        write_npy(dump_dir / "val_grads.npy", np.asarray(grads))
+    write_tensors(validation_file(ckpt_dir, target), tensors)  # last: marks the stage finished
+    del grads
+    spill_path.unlink(missing_ok=True)
+
+
+def shard_path(ckpt_dir: Path, shard: int) -> Path:
+    """A finished shard of the pool pass."""
+    return ckpt_dir / "pool" / f"shard-{shard:05d}.safetensors"
+
+
+def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpoint: Checkpoint, ckpt_dir: Path, target: str, *,
+              gist: bool, sketch: bool, device, autocast, progress, dump: np.ndarray | None = None,
+              proc_rank: int = 0, world: int = 1) -> None:  # fmt: skip
+    """Pool gradients → coordinates and ‖g‖ (GIST) and sketches (LESS), shard by shard; finished shards are skipped."""
+    basis = torch.as_tensor(read_tensors(validation_file(ckpt_dir, target))["basis"]).to(device) if gist else None
+    if sketch:
+        from ..methods.adam import adam_precondition
+        from ..methods.projection import make_projection, project
+
+        exp_avg, exp_avg_sq, beta1, beta2 = adam_state(checkpoint, model)
+        exp_avg, exp_avg_sq = exp_avg.to(device), exp_avg_sq.to(device)
+        proj = make_projection(sum(m.weight.numel() for _, m in lora_factors(model)), config.less_dim, config.seed)
+    n = len(train_ex)
+    starts = range(0, n, config.shard_size)
+    for s, start in enumerate(starts):
+        if s % world != proc_rank:
+            continue
+        shard = train_ex[start : start + config.shard_size]
+        expected = {"loss": (len(shard),)}
+        if gist:
+            expected.update(coords=(len(shard), basis.shape[1]), grad_norm=(len(shard),))
+        if sketch:
+            expected["sketch"] = (len(shard), config.less_dim)
+        if dump is None and tensors_complete(shard_path(ckpt_dir, s), expected):
+            continue  # finished earlier (a damaged or mismatched shard is recomputed)
+        out = {name: np.empty(shape, np.float16 if name == "sketch" else np.float32) for name, shape in expected.items()}
+        for indices, grads, losses in iter_gradients(
+            model, shard, pad_id, device=device, max_tokens=config.max_tokens, max_batch=config.max_batch, autocast_dtype=autocast,
+            desc=f"pool grads {ckpt_dir.name} shard {s + 1}/{len(starts)}",
+            progress=lambda done, total, rate: progress(f"pool gradients ({ckpt_dir.name})", start + done, n, rate),
+        ):  # fmt: skip
+            out["loss"][indices] = losses.cpu().numpy()
+            if gist:
+                out["coords"][indices] = (grads @ basis).cpu().numpy()
+                out["grad_norm"][indices] = grads.double().norm(dim=1).float().cpu().numpy()
+            if sketch:
+                out["sketch"][indices] = project(proj, adam_precondition(grads, exp_avg, exp_avg_sq, beta1, beta2)).cpu().numpy()
+            if dump is not None:
+                dump[[start + i for i in indices]] = grads.cpu().numpy()
+        write_tensors(shard_path(ckpt_dir, s), out)

@@ -1,0 +1,118 @@
+"""Evaluation by fine-tuning: test scoring equals full-sequence losses, arms are cached and compared with random."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gist_backend.cli import main as cli_main
+from gist_backend.compute import ComputeConfig, compute
+from gist_backend.curation import select
+from gist_backend.runs import open_run
+
+torch.set_num_threads(1)
+
+
+def _test_records(n: int, seed: int = 7) -> list[dict]:
+    """Multiple-choice arithmetic questions unlike any toy pool or validation record (numbers above 100)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = rng.randint(100, 160), rng.randint(100, 160)
+        choices = [f"{a} plus {b} is {a + b + d}." for d in (0, 1, -1, 10)]
+        answer = rng.randrange(4)
+        choices[0], choices[answer] = choices[answer], choices[0]
+        messages = [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": choices[answer]}]
+        out.append({"id": f"test-{i}", "messages": messages, "choices": choices, "answer_index": answer})
+    out.append({"id": "test-open", "messages": [{"role": "user", "content": "Say 123."}, {"role": "assistant", "content": "123."}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_llama, toy_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    pool, val = toy_data
+    run_dir = compute(ComputeConfig(model=str(tiny_llama), train=[str(pool)], val=[str(val)], k_max=8, warmup_epochs=1, warmup_fraction=0.2,
+                                    warmup_lr=1e-3, warmup_batch=4, max_len=64, shard_size=32), root / "run")  # fmt: skip
+    test = root / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in _test_records(12)))
+    return Path(run_dir), test, root
+
+
+def test_scores_equal_full_sequence_losses(tiny_llama, evaluated):
+    from gist_backend.engine.grads import collate, per_example_loss
+    from gist_backend.engine.likelihood import load_test_set, score
+    from gist_backend.engine.model import attach_lora, load_model
+
+    _, test, _ = evaluated
+    model, tokenizer = load_model(str(tiny_llama))
+    model = attach_lora(model, rank=4, alpha=8, init_b_nonzero=True, seed=3)
+    test_set, records = load_test_set(test, tokenizer, 64)
+    got = score(model, test_set, torch.device("cpu"))
+    for q in range(len(records)):
+        cands = [type("E", (), {"input_ids": i, "labels": lab})() for i, lab in test_set.candidates[q]]
+        with torch.no_grad():
+            full = per_example_loss(model, collate(cands, list(range(len(cands))), tokenizer.pad_token_id), torch.device("cpu")).numpy()
+        assert got["loss"][q] == pytest.approx(full[test_set.response[q]], abs=1e-5)
+        if test_set.answer[q] is not None:
+            assert got["correct"][q] == float(np.argmin(full[: test_set.n_choices[q]]) == test_set.answer[q])
+        else:
+            assert np.isnan(got["correct"][q])
+
+
+def test_cli_evaluate_arms_cache_and_comparison(evaluated, monkeypatch, capsys):
+    run_dir, test, root = evaluated
+    out = root / "eval.json"
+    cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", "10", "--rank", "4", "--baselines", "random:2",
+              "--epochs", "1", "--lr", "1e-3", "--json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    names = [a["name"] for a in result["arms"]]
+    assert names == ["gist-r4", "base", "random-s0", "random-s1"]
+    arms = {a["name"]: a for a in result["arms"]}
+    assert arms["gist-r4"]["n_train"] == 10 and arms["base"]["n_train"] == 0 and arms["random-s1"]["n_train"] == 10
+    assert result["n_test"] == 13 and result["n_multiple_choice"] == 12
+    for arm in result["arms"]:
+        assert np.isfinite(arm["test_loss"]) and 0 <= arm["accuracy"] <= 1
+    assert arms["base"]["test_loss"] != arms["gist-r4"]["test_loss"]  # fine-tuning changed the model
+    # the difference from random, recomputed from the cached per-question scores
+    cached = [json.loads(p.read_text()) for p in (run_dir / "evals" / "arms").glob("*.json")]
+    gist_ids = select(open_run(run_dir), method="gist", rank=4, budget=10).ids
+    gist = next(c for c in cached if c["ids"] == gist_ids)
+    randoms = [c for c in cached if c["ids"] and c["ids"] != gist_ids]
+    assert len(randoms) == 2
+    expected = np.mean(gist["loss"]) - np.mean([np.mean(r["loss"]) for r in randoms])
+    vs = arms["gist-r4"]["vs_random"]["test_loss"]
+    assert vs["diff"] == pytest.approx(expected, abs=1e-9) and vs["low"] <= vs["diff"] <= vs["high"] and vs["n"] == 13
+    # stored in the run, and a second evaluation reuses every arm
+    assert (run_dir / "evals" / f"{result['id']}.json").exists()
+    monkeypatch.setattr("gist_backend.engine.warmup.run_warmup", lambda *a, **k: pytest.fail("an arm was fine-tuned again"))
+    cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", "10", "--rank", "4", "--baselines", "random:2",
+              "--epochs", "1", "--lr", "1e-3"])  # fmt: skip
+    assert "gist-r4" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_test_set_overlapping_the_run(evaluated, toy_data, capsys):
+    run_dir, _, root = evaluated
+    leaky = root / "leaky.jsonl"
+    pool_line = Path(toy_data[0]).read_text().splitlines()[5]
+    renamed = json.loads(pool_line) | {"id": "a-fresh-id"}  # same conversation under another id
+    leaky.write_text(json.dumps(renamed) + "\n" + json.dumps(_test_records(1)[0]) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(leaky), "--budget", "10", "--baselines", "random:1"])
+    assert exit_.value.code == 2 and "also appear in run" in capsys.readouterr().err
+
+
+def test_evaluate_an_exported_selection_file(evaluated, capsys):
+    run_dir, test, root = evaluated
+    cli_main(["select", "--run-dir", str(run_dir), "--budget", "6", "--out", str(root / "sel.jsonl"), "--with-meta"])
+    from gist_backend.evaluate import selection_from_file
+
+    run = open_run(run_dir)
+    sel = selection_from_file(run, root / "sel.jsonl")
+    expected = select(run, budget=6)
+    assert sel.ids == expected.ids and sel.method == "file:sel"
