@@ -20,7 +20,7 @@ def detail_pane(run: Run, example_id: str, position: int, score: float, selected
         return
     status = backend.edit_state(run).get(example_id)
     with st.container(border=True):
-        st.markdown(f"#### `{example_id.replace('`', 'ʼ')}`")
+        st.markdown(f"#### {session.code(example_id)}")
         st.caption(
             f"position {position + 1:,} · score {score:.4f} · source {session.escape(run.train['source'][row])} · "
             f"{run.train['n_tokens'][row]} tokens · {'**selected**' if selected else 'not selected'}"

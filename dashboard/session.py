@@ -24,7 +24,7 @@ BUDGET_COUNT = "budget_count"
 BUDGET_PCT = "budget_pct"
 RUNS_ROOT = "runs_root"
 # Widget keys whose values must survive visiting a page that does not draw them.
-PERSISTENT = (TARGET, RANK, METHOD, BUDGET_MODE, BUDGET_COUNT, BUDGET_PCT, "cap_on", "cap_mode", "cap_count", "cap_pct",
+PERSISTENT = (RUNS_ROOT, TARGET, RANK, METHOD, BUDGET_MODE, BUDGET_COUNT, BUDGET_PCT, "cap_on", "cap_mode", "cap_count", "cap_pct",
               "f_text", "f_regex", "f_sources", "f_tasks", "f_state", "f_score", "f_length", "f_map",
               "map_colour", "page_size", "compare_x", "compare_y", "detail_tab", "eval_baselines", "eval_epochs")  # fmt: skip
 # Defaults of persistent widgets, set once per session (widgets then take no value/default argument).
@@ -158,3 +158,8 @@ def escape(text: object, inline: bool = True) -> str:
     """Text safe to put in markdown: every markdown and HTML control character escaped (ids and sources are user data)."""
     out = "".join("\\" + ch if ch in "\\`*_{}[]()<>#|~$!" else ch for ch in str(text))
     return out.replace("\n", " ") if inline else out.replace("\n", "  \n")
+
+
+def code(text: object) -> str:
+    """User text as an inline code span (markdown is not interpreted inside; a backtick cannot close it)."""
+    return "`" + str(text).replace("`", "ʼ").replace("\n", " ") + "`"

@@ -21,7 +21,7 @@ def render_sidebar() -> Run | None:
             st.info("No run open. Open one on the **Runs** page.", icon=":material/info:")
             return None
         session.sync_rank(run.k_max, backend.run_key(run))
-        st.markdown(f"**Run** `{session.escape(run.path.name)}`")
+        st.markdown(f"**Run** {session.code(run.path.name)}")
         if len(run.targets) > 1:
             ss = st.session_state
             if ss.get(session.TARGET) not in run.targets:

@@ -14,7 +14,7 @@ imported on first use, so ``import gist_backend.engine.grads`` needs only torch:
 and UI dependencies can still run the gradient engine and G2IS.
 """
 
-from importlib import import_module
+from .lazy import lazy_exports
 
 _EXPORTS = {
     "ComputeConfig": "config", "compute": "compute",
@@ -25,9 +25,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gist_backend' has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # importing the submodule `compute` bound the module to this name; the function wins
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -377,3 +378,53 @@ def test_export_outside_the_allowed_folders_is_refused(run_dir: Path, monkeypatc
     button(at, "Write").click().run()
     assert not escape.resolve().exists()
     assert [e.value for e in at.error if "outside the allowed folders" in plain(e.value)], [e.value for e in at.error] + [s.value for s in at.success]
+
+
+# ---------------------------------------------------------------- the dashboard's boundary
+
+
+def test_compute_form_refuses_paths_outside_the_allowed_folders(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "pool.jsonl").write_text("{}\n")
+    at = app(run_dir, monkeypatch)
+    at.text_input(key="cf_tool defaults_model").set_value("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id is not a path
+    at.text_area(key="cf_tool defaults_train").set_value(str(outside / "pool.jsonl"))
+    at.text_area(key="cf_tool defaults_val").set_value("../../" + str(outside / "val.jsonl"))
+    button(at, "Start computing").click().run()
+    errors = " ".join(plain(e.value) for e in at.error)
+    assert "pool file is not allowed" in errors and "validation file is not allowed" in errors and "model" not in errors.split("allowed")[0]
+    assert not list(outside.rglob("compute.pid")) and not list(run_dir.parent.rglob("compute.pid"))
+    # a runs folder outside the allowed ones is refused too
+    at.session_state["runs_root"] = str(outside)
+    at.run()
+    assert any("Folder not allowed" in plain(e.value) for e in at.error)
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tiny_llama, tmp_path_factory) -> Path:
+    """A run whose pool ids and sources carry markdown and HTML: an image link, a script tag, a colour directive."""
+    from gist_backend.compute import ComputeConfig, compute
+
+    root = tmp_path_factory.mktemp("hostile-ui")
+    payloads = ["![pixel](http://evil.example/p.png)", "<img src=x onerror=alert(1)>", ":red[**shout**]", "`code` [link](javascript:x)"]
+    rows = [{"id": payloads[i % 4] + f" {i}", "dataset": payloads[(i + 1) % 4],
+             "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
+            for i in range(24)]  # fmt: skip
+    val = [{"id": f"v{i}", "task": "t", "messages": [{"role": "user", "content": f"Add {i} and 1."}, {"role": "assistant", "content": f"{i + 1}."}]}
+           for i in range(6)]  # fmt: skip
+    (root / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    config = ComputeConfig(model=str(tiny_llama), train=[str(root / "pool.jsonl")], val=[str(root / "val.jsonl")], k_max=4, warmup=False, max_len=64)
+    return Path(compute(config, root / "run"))
+
+
+def test_user_text_is_never_rendered_as_markdown(hostile_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = app(hostile_run, monkeypatch, "examples")
+    for view in ("examples", "export", "runs", "compare"):
+        at.switch_page(f"views/{view}.py").run()
+        assert_clean(at)
+        shown = [e.value for kind in ("markdown", "caption", "warning", "info", "success", "error") for e in at.get(kind)]
+        for text in (re.sub(r"`[^`]*`", "", t) for t in shown):  # inside a code span markdown is not interpreted
+            assert "![" not in text and "<img" not in text and ":red[" not in text and "](javascript" not in text, (view, text)
+    at.switch_page("views/examples.py").run()
+    assert any("\\!\\[pixel\\]" in c.value or "ʼcodeʼ" in m.value for c in at.caption for m in at.markdown)  # shown, escaped

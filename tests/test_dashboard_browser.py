@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import re
 import socket
 import subprocess
@@ -48,15 +49,14 @@ def demo_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(demo_run: Path):
-    """`streamlit run dashboard/app.py` on a free loopback port, opened on the demo run."""
+    """`gist-curate serve` (the product's own launcher, with its Host check) on a free loopback port, opened on the demo run."""
     port = _free_port()
     env = os.environ | {"GIST_CACHE": str(demo_run.parent), "PYTHONUNBUFFERED": "1"}
     env.pop("GIST_RUN_DIR", None)
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / "streamlit-server.log", "wb")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true", "--server.address", "127.0.0.1",
-           "--server.port", str(port), "--browser.gatherUsageStats", "false", "--", "--run-dir", str(demo_run)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "-m", "gist_backend.cli", "serve", "--run-dir", str(demo_run), "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -68,14 +68,14 @@ def server(demo_run: Path):
         if proc.poll() is not None:
             raise RuntimeError(f"streamlit exited early; see {ARTIFACTS / 'streamlit-server.log'}")
     else:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         raise RuntimeError("streamlit did not become healthy within 90 s")
     yield url
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)  # serve and its streamlit child
     try:
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
     log.close()
 
 
@@ -222,5 +222,5 @@ def test_browser_end_to_end(server: str, demo_run: Path) -> None:
     assert exported == expected.ids
     assert len(exported) == round(0.05 * run.train.height)
     assert not excluded & set(exported)
-    raws = dict(zip(run.train["id"].to_list(), run.train["raw"].to_list()))
+    raws = dict(zip(run.train["id"].to_list(), run.raw.to_list()))
     assert all(json.loads(raws[r["id"]]) == r for r in records)

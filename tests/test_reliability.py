@@ -420,6 +420,44 @@ def test_silent_manifest_edits_are_caught_by_its_checksum(copy, field, value):
     expect_run_error(copy, "manifest.json", "manifest checksum emptied")
 
 
+def test_integrity_cannot_be_switched_off_by_editing_the_manifest(copy):
+    """Stripping 'checksum' and 'files', or one file's entry, does not disable the checks (the file list comes from the format)."""
+    manifest = json.loads((copy / "manifest.json").read_text())
+    stripped = {k: v for k, v in manifest.items() if k not in ("checksum", "files")}
+    (copy / "manifest.json").write_text(json.dumps(stripped))
+    assert "must record 'files' and 'checksum'" in expect_run_error(copy, "manifest.json", "checksum and files removed")
+    for name in (f"{T}/gist_unit.npy", "grad_norms.npy", f"{T}/less_scores.npy"):
+        edited = dict(manifest, files={k: v for k, v in manifest["files"].items() if k != name})
+        runs.write_manifest(copy / "manifest.json", edited)  # re-signed: only the format's list of artefacts catches it
+        assert f"requires {name}" in expect_run_error(copy, "manifest.json", f"entry for {name} removed")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    open_run(copy)
+
+
+def test_g2is_cache_is_validated_and_checksummed(tmp_path):
+    """A hand-made G2IS cache (repeated, negative or out-of-range rows, or an edited list) is never trusted."""
+    from gist_backend.curation import select
+    from gist_backend.devkit.synthetic import synthetic_run
+    from gist_backend.runs.manifest import manifest_checksum
+
+    copy = synthetic_run(tmp_path / "g2is", n_train=120, n_val=12, n_tasks=2, k_max=6, n_ckpt=1, methods=("g2is",))
+    run = open_run(copy)
+    good = select(run, method="g2is", budget=6, edits=[])
+    path = next((copy / "selections").glob("g2is-*-6-*.json"))
+    entry = json.loads(path.read_text())
+    n = run.train.height
+    for case, rows in {"one row ten times": [good.rows[0]] * 6, "negative rows": [-1, -2, -3, -4, -5, -6],
+                       "out of range": [n + i for i in range(6)], "too few": list(good.rows[:3])}.items():  # fmt: skip
+        forged = dict(entry, selected=[int(r) for r in rows])
+        forged["checksum"] = manifest_checksum(forged)  # even re-signed: the rows must be a valid walk result
+        path.write_text(json.dumps(forged))
+        again = select(open_run(copy), method="g2is", budget=6, edits=[])
+        assert again.rows.tolist() == good.rows.tolist(), case
+        REPORT["tamper"].append({"case": f"G2IS cache: {case}", "outcome": "recomputed"})
+    path.write_text(json.dumps(dict(entry, selected=entry["selected"][::-1])))  # plausible rows, checksum not updated
+    assert select(open_run(copy), method="g2is", budget=6, edits=[]).rows.tolist() == good.rows.tolist()
+
+
 def test_manifest_damage(copy):
     manifest = copy / "manifest.json"
     original = manifest.read_bytes()

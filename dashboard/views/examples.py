@@ -66,7 +66,7 @@ rows = filters.ranked_rows(order, mask)
 
 # ---------------------------------------------------------------- bulk actions
 bulk = st.columns([3, 1, 1, 1], vertical_alignment="center")
-bulk[0].markdown(f"**{len(rows):,}** of {run.train.height:,} examples match ({flt.label()}) · **{int(selected[rows].sum()):,}** of them selected")
+bulk[0].markdown(f"**{len(rows):,}** of {run.train.height:,} examples match ({session.escape(flt.label())}) · **{int(selected[rows].sum()):,}** of them selected")
 origin = flt.describe() | {"rank": session.rank(), "method": method}
 for col, op, icon in zip(bulk[1:], ("include", "exclude", "reset"), (":material/add_circle:", ":material/remove_circle:", ":material/restart_alt:")):
     if col.button(f"{op.capitalize()} all {len(rows):,}", key=f"bulk_{op}", icon=icon, disabled=not len(rows), width="stretch",

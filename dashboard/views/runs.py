@@ -21,6 +21,17 @@ BADGES = {
 }
 esc = session.escape
 
+
+def _open(path, scope: str = "app") -> None:
+    """Open a run by path (refused outside the allowed folders, with the reason)."""
+    try:
+        session.set_run(path)
+    except (PermissionError, FileNotFoundError) as err:
+        session.show_error(err, "The run cannot be opened")
+        return
+    st.rerun(scope=scope)
+
+
 st.title("Runs")
 st.caption("A run holds everything computed for one pool and its target tasks; open one to inspect and curate it.")
 
@@ -46,7 +57,7 @@ if run is not None:
                           "bytes per example": [v["bytes_per_example"] for v in facts["methods"].values()]}),
             hide_index=True, width="stretch",
         )  # fmt: skip
-        st.caption(f"Model `{esc(facts['model'] or '—')}` · targets {esc(', '.join(run.targets))} · created {facts['created'] or '—'} · `{esc(run.path)}`")
+        st.caption(f"Model {session.code(facts['model'] or '—')} · targets {esc(', '.join(run.targets))} · created {facts['created'] or '—'} · {session.code(run.path)}")
         for warning in facts["warnings"]:
             st.warning(esc(warning, inline=False), icon=":material/warning:")
 
@@ -71,12 +82,11 @@ with left:
         if rows:
             chosen = runs[rows[0]]
             if chosen.get("status") != "complete":
-                st.warning(f"`{esc(chosen['id'])}` is {esc(chosen.get('status'))}; it can be opened once it is complete.")
+                st.warning(f"{session.code(chosen['id'])} is {esc(chosen.get('status'))}; it can be opened once it is complete.")
             elif st.button(f"Open {chosen['id']}", type="primary", icon=":material/open_in_new:"):
-                session.set_run(chosen["path"])
-                st.rerun()
+                _open(chosen["path"])
     else:
-        st.info(f"No runs under `{esc(root)}` yet. Start one below, or open a run folder by path.")
+        st.info(f"No runs under {session.code(root)} yet. Start one below, or open a run folder by path.")
 with right:
     with st.form("open_path", border=True):
         path = st.text_input("Run folder path", placeholder="cache/my-run")
@@ -102,7 +112,7 @@ if config is not None:
         except (OSError, FileExistsError, PermissionError) as err:
             session.show_error(err, "Could not start the compute")
         else:
-            st.success(f"Started computing `{esc(run_dir)}` in the background (pid {pid}). It keeps running if you close this page.")
+            st.success(f"Started computing {session.code(run_dir)} in the background (pid {pid}). It keeps running if you close this page.")
 
 
 # ---------------------------------------------------------------- background jobs
@@ -128,8 +138,7 @@ def job_panel() -> None:
                 cols[2].metric("Last update", jobs.format_age(p.get("updated")))
             elif job.state == "complete":
                 if button.button("Open", key=f"open-{job.run_dir}", icon=":material/open_in_new:"):
-                    session.set_run(job.run_dir)
-                    st.rerun(scope="app")
+                    _open(job.run_dir, scope="app")
             elif job.state == "cancelled":
                 st.warning(esc(job.error or "cancelled"), icon=":material/cancel:")
             else:

@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -146,6 +146,81 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+@dataclass
+class _Latent:
+    """The latent gradient model shared by the checkpoints (see the module docstring)."""
+
+    task_dirs: np.ndarray  # (T, d)
+    style: np.ndarray  # (S, d)
+    col_scale: np.ndarray  # (d,) uneven coordinate variances, as across LoRA A/B entries
+    a_train: np.ndarray  # (N, T + S) latent factors of the pool: task membership × relevance, style
+    a_val: np.ndarray  # (m, T + S)
+    noise_scale: float
+
+
+def _tables(rng, n_train: int, n_val: int, n_tasks: int, n_sources: int):
+    """Pool and validation tables, each row's source index and each validation row's task index."""
+    source_names, task_names = _names(SOURCE_NAMES, n_sources), _names(TASK_NAMES, n_tasks)
+    src_idx = rng.choice(n_sources, n_train, p=rng.dirichlet(np.full(n_sources, 2.0)))
+    sources = [source_names[s] for s in src_idx.tolist()]
+    ids = [f"{source_names[s]}-{i:07d}" for i, s in enumerate(src_idx.tolist())]
+    corpus = _Corpus(rng)
+    records = _records(rng, corpus, ids, sources, None, source_names[2] if n_sources > 2 else None)
+    train = _table(ids, sources, ["all"] * n_train, records, "synthetic/pool.jsonl")
+    val_task_idx = np.arange(n_val) % n_tasks
+    val_tasks = [task_names[t] for t in val_task_idx.tolist()]
+    val_ids = [f"val-{task_names[t]}-{j:05d}" for j, t in enumerate(val_task_idx.tolist())]
+    val = _table(val_ids, ["target"] * n_val, val_tasks, _records(rng, corpus, val_ids, ["target"] * n_val, val_tasks, None), "synthetic/val.jsonl")
+    return train, val, src_idx, val_task_idx
+
+
+def _latent(rng, src_idx: np.ndarray, val_task_idx: np.ndarray, n_tasks: int, n_sources: int) -> _Latent:
+    """Task directions, style directions, and the latent factors of every pool and validation row."""
+    d, n_train, n_val = D_LATENT, src_idx.size, val_task_idx.size
+    common = rng.standard_normal(d)
+    task_dirs = _unit(0.6 * _unit(common) + 0.8 * _unit(rng.standard_normal((n_tasks, d))))
+    style = rng.standard_normal((N_STYLE, d)) / np.sqrt(d)
+    style_scale = np.arange(1, N_STYLE + 1) ** -0.7
+    col_scale = rng.lognormal(0.0, 0.6, d)
+    relevance_mean = np.linspace(1.2, -0.2, n_sources)[rng.permutation(n_sources)]  # sources differ in relevance, some negative
+    t_idx = rng.integers(0, n_tasks, n_train)
+    relevance = relevance_mean[src_idx] + 0.8 * rng.standard_normal(n_train)
+    a_task = np.zeros((n_train, n_tasks), np.float32)
+    a_task[np.arange(n_train), t_idx] = relevance * 1.5
+    a_style = rng.standard_normal((n_train, N_STYLE)).astype(np.float32) * style_scale.astype(np.float32) * 3.0
+    v_task = np.zeros((n_val, n_tasks))
+    v_task[np.arange(n_val), val_task_idx] = 3.0 + 0.5 * rng.standard_normal(n_val)
+    a_val = np.concatenate([v_task, rng.standard_normal((n_val, N_STYLE)) * style_scale * 3.0], axis=1)
+    return _Latent(task_dirs, style, col_scale, np.concatenate([a_task, a_style], axis=1), a_val, 0.05 * float(np.sqrt(np.mean(col_scale**2))))
+
+
+def _checkpoint(rng, rng_sketch, lat: _Latent, c: int, n_ckpt: int, k_max: int, proj: np.ndarray | None) -> dict:
+    """One checkpoint: validation gradients through the real subspace and geometry code; pool coordinates, norms, sketches."""
+    d, n_tasks = D_LATENT, lat.task_dirs.shape[0]
+    drift = 0.25 * c / max(n_ckpt - 1, 1)
+    mu_c = _unit(lat.task_dirs + drift * rng.standard_normal((n_tasks, d)) / np.sqrt(d) * 4)
+    basis_c = np.concatenate([mu_c, lat.style + 0.1 * rng.standard_normal(lat.style.shape) / np.sqrt(d)]) * lat.col_scale  # (T+S, d)
+    g_val = (lat.a_val @ basis_c + 0.05 * rng.standard_normal((lat.a_val.shape[0], d)) * lat.col_scale).astype(np.float32)
+    sigma, v_basis, z_val = fit_subspace(g_val, k_max)
+    lat_k = (basis_c @ v_basis).astype(np.float32)  # (T+S, k): latent factor → coordinates
+    z_train = lat.a_train @ lat_k + lat.noise_scale * rng.standard_normal((lat.a_train.shape[0], lat_k.shape[1]), dtype=np.float32)
+    # ‖g‖² of g = a · basis + isotropic noise in all d coordinates: a (B Bᵀ) aᵀ + noise² · d, never forming g
+    gram_b = (basis_c @ basis_c.T).astype(np.float32)
+    grad_norm = np.sqrt(((lat.a_train @ gram_b) * lat.a_train).sum(axis=1) + lat.noise_scale**2 * d).astype(np.float32)
+    per = d // N_MODULES
+    slices = {f"model.layers.{i // 2}.self_attn.{'qv'[i % 2]}_proj": (i * per, (i + 1) * per) for i in range(N_MODULES)}
+    summary, blocks = geometry.coupling(g_val, slices)
+    blocks["gist_block"] = geometry.normalised_block(z_val[:, : geometry.MAX_BLOCK]).astype(np.float32)
+    out = {"train": z_train.astype(np.float32), "val": z_val.astype(np.float32), "grad_norm": grad_norm, "blocks": blocks,
+           "geometry": {"name": f"epoch-{c + 1}", "spectrum": geometry.spectrum(sigma), **summary}}  # fmt: skip
+    if proj is not None:
+        adam = rng_sketch.lognormal(0.0, 0.3, d)  # stands in for 1/sqrt(v): LESS features are Adam-preconditioned
+        lat_s = ((basis_c * adam) @ proj).astype(np.float32)  # (T+S, p)
+        noise = lat.noise_scale * rng_sketch.standard_normal((lat.a_train.shape[0], SKETCH_DIM), dtype=np.float32)
+        out.update(sketch_train=(lat.a_train @ lat_s + noise).astype(np.float16), sketch_val=(g_val @ proj).astype(np.float16))
+    return out
+
+
 def synthetic_run(
     run_dir: Path,
     *,
@@ -178,101 +253,41 @@ def synthetic_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     sketching = bool({"less", "g2is"} & set(methods))
-
-    # --- tables
-    source_names = _names(SOURCE_NAMES, n_sources)
-    task_names = _names(TASK_NAMES, n_tasks)
-    mix = rng.dirichlet(np.full(n_sources, 2.0))
-    src_idx = rng.choice(n_sources, n_train, p=mix)
-    sources = [source_names[s] for s in src_idx.tolist()]
-    ids = [f"{source_names[s]}-{i:07d}" for i, s in enumerate(src_idx.tolist())]
-    alpaca_source = source_names[2] if n_sources > 2 else None
-    corpus = _Corpus(rng)
-    train = _table(ids, sources, ["all"] * n_train, _records(rng, corpus, ids, sources, None, alpaca_source), "synthetic/pool.jsonl")
-    val_task_idx = np.arange(n_val) % n_tasks
-    val_tasks = [task_names[t] for t in val_task_idx.tolist()]
-    val_ids = [f"val-{task_names[t]}-{j:05d}" for j, t in enumerate(val_task_idx.tolist())]
-    val = _table(val_ids, ["target"] * n_val, val_tasks, _records(rng, corpus, val_ids, ["target"] * n_val, val_tasks, None), "synthetic/val.jsonl")
-
-    # --- latent gradient model
-    d = D_LATENT
-    common = rng.standard_normal(d)
-    task_dirs = _unit(0.6 * _unit(common) + 0.8 * _unit(rng.standard_normal((n_tasks, d))))
-    style = rng.standard_normal((N_STYLE, d)) / np.sqrt(d)
-    style_scale = np.arange(1, N_STYLE + 1) ** -0.7
-    col_scale = rng.lognormal(0.0, 0.6, d)  # uneven coordinate variances, as across LoRA A/B entries
-    # training latent factors: task membership, relevance (source dependent, some negative), style
-    relevance_mean = np.linspace(1.2, -0.2, n_sources)[rng.permutation(n_sources)]
-    t_idx = rng.integers(0, n_tasks, n_train)
-    relevance = relevance_mean[src_idx] + 0.8 * rng.standard_normal(n_train)
-    a_task = np.zeros((n_train, n_tasks), np.float32)
-    a_task[np.arange(n_train), t_idx] = relevance * 1.5
-    a_style = rng.standard_normal((n_train, N_STYLE)).astype(np.float32) * style_scale.astype(np.float32) * 3.0
-    a_train = np.concatenate([a_task, a_style], axis=1)  # (N, T + S)
-    v_task = np.zeros((n_val, n_tasks))
-    v_task[np.arange(n_val), val_task_idx] = 3.0 + 0.5 * rng.standard_normal(n_val)
-    a_val = np.concatenate([v_task, rng.standard_normal((n_val, N_STYLE)) * style_scale * 3.0], axis=1)
-    ckpt_weights = np.linspace(1.0, 0.5, n_ckpt)
-    ckpt_weights = ckpt_weights / ckpt_weights.sum()
-    module_names = [f"model.layers.{i // 2}.self_attn.{'qv'[i % 2]}_proj" for i in range(N_MODULES)]
-    per = d // N_MODULES
-    slices = {name: (i * per, (i + 1) * per) for i, name in enumerate(module_names)}
+    train, val, src_idx, val_task_idx = _tables(rng, n_train, n_val, n_tasks, n_sources)
+    lat = _latent(rng, src_idx, val_task_idx, n_tasks, n_sources)
     rng_sketch = np.random.default_rng([seed, 1])  # separate stream: coordinates do not depend on the methods asked for
-    proj = rng_sketch.standard_normal((d, SKETCH_DIM)).astype(np.float32) / np.sqrt(SKETCH_DIM) if sketching else None
-
-    train_coords, val_coords, grad_norms, geo, sketches_train, sketches_val = [], [], [], [], [], []
-    noise_scale = 0.05 * float(np.sqrt(np.mean(col_scale**2)))
-    for c in range(n_ckpt):
-        drift = 0.25 * c / max(n_ckpt - 1, 1)
-        mu_c = _unit(task_dirs + drift * rng.standard_normal((n_tasks, d)) / np.sqrt(d) * 4)
-        basis_c = np.concatenate([mu_c, style + 0.1 * rng.standard_normal(style.shape) / np.sqrt(d)]) * col_scale  # (T+S, d)
-        g_val = (a_val @ basis_c + 0.05 * rng.standard_normal((n_val, d)) * col_scale).astype(np.float32)
-        sigma, v_basis, z_val = fit_subspace(g_val, k_max)
-        lat = (basis_c @ v_basis).astype(np.float32)  # (T+S, k): latent factor → coordinates
-        z_train = a_train @ lat + noise_scale * rng.standard_normal((n_train, lat.shape[1]), dtype=np.float32)
-        train_coords.append(z_train.astype(np.float32))
-        val_coords.append(z_val.astype(np.float32))
-        # ‖g‖² of g = a Bᵀ-factors + isotropic noise in all d coordinates: a (B Bᵀ) aᵀ + noise² · d, never forming g
-        gram_b = (basis_c @ basis_c.T).astype(np.float32)
-        grad_norms.append(np.sqrt(((a_train @ gram_b) * a_train).sum(axis=1) + noise_scale**2 * d).astype(np.float32))
-        summary, blocks = geometry.coupling(g_val, slices)
-        blocks["gist_block"] = geometry.normalised_block(z_val[:, : geometry.MAX_BLOCK]).astype(np.float32)
-        geo.append({"name": f"epoch-{c + 1}", "spectrum": geometry.spectrum(sigma), **summary})
-        if sketching:
-            adam = rng_sketch.lognormal(0.0, 0.3, d)  # stands in for 1/sqrt(v): LESS features are Adam-preconditioned
-            lat_s = ((basis_c * adam) @ proj).astype(np.float32)  # (T+S, p)
-            x = a_train @ lat_s + noise_scale * rng_sketch.standard_normal((n_train, SKETCH_DIM), dtype=np.float32)
-            sketches_train.append(x.astype(np.float16))
-            sketches_val.append((g_val @ proj).astype(np.float16))
-    k = min(z.shape[1] for z in train_coords)
-    names = [g["name"] for g in geo]
+    proj = rng_sketch.standard_normal((D_LATENT, SKETCH_DIM)).astype(np.float32) / np.sqrt(SKETCH_DIM) if sketching else None
+    ckpts = [_checkpoint(rng, rng_sketch, lat, c, n_ckpt, k_max, proj) for c in range(n_ckpt)]
+    weights = (np.linspace(1.0, 0.5, n_ckpt) / np.linspace(1.0, 0.5, n_ckpt).sum()).tolist()
+    k = min(c["train"].shape[1] for c in ckpts)
+    names = [c["geometry"]["name"] for c in ckpts]
     config = {
         "model": "synthetic", "train": ["synthetic/pool.jsonl"], "val": ["synthetic/val.jsonl"], "k_max": k_max,
         "methods": methods, "less_dim": SKETCH_DIM if sketching else None, "seed": seed,
-        "synthetic": {"n_train": n_train, "n_val": n_val, "n_tasks": n_tasks, "n_ckpt": n_ckpt, "n_sources": n_sources, "d": d},
+        "synthetic": {"n_train": n_train, "n_val": n_val, "n_tasks": n_tasks, "n_ckpt": n_ckpt, "n_sources": n_sources, "d": D_LATENT},
     }  # fmt: skip
-    weights = ckpt_weights.tolist()
     manifest = {
         "created": utc_now(), "tool_version": tool_version(), "config": config,
         "config_hash": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16], "methods": methods,
-        "n_val": n_val, "d": d, "gradient_passes": n_ckpt, "checkpoints": [{"name": n, "lr": w} for n, w in zip(names, weights)],
+        "n_val": n_val, "d": D_LATENT, "gradient_passes": n_ckpt, "checkpoints": [{"name": n, "lr": w} for n, w in zip(names, weights)],
         "gist": {"checkpoints": names, "weights": weights}, "bad_records": 0, "timings": {}, "warnings": [],
         "fingerprints": {"train": {}, "val": {}, "model": f"synthetic-seed{seed}"},
     }  # fmt: skip
     target = TargetData(
-        name="synthetic", val=val, files=["synthetic/val.jsonl"], fingerprints={}, train_coords=np.stack([z[:, :k] for z in train_coords]),
-        val_coords=np.stack([z[:, :k] for z in val_coords]), geometry=geo, coupling=blocks,
+        name="synthetic", val=val, files=["synthetic/val.jsonl"], fingerprints={}, train_coords=np.stack([c["train"][:, :k] for c in ckpts]),
+        val_coords=np.stack([c["val"][:, :k] for c in ckpts]), geometry=[c["geometry"] for c in ckpts], coupling=ckpts[-1]["blocks"],
     )  # fmt: skip
     if sketching:
         from ..methods.less import less_scores
 
         manifest["less"] = {"checkpoints": names, "weights": weights, "dim": SKETCH_DIM}
-        scores, _, per_task = less_scores([torch.from_numpy(x) for x in sketches_train], [torch.from_numpy(v) for v in sketches_val],
-                                          val_tasks, weights)  # fmt: skip
-        target = replace(target, val_sketch=np.stack(sketches_val), less_scores=scores.numpy(), less_task_scores=per_task.numpy())
+        tasks = val["task"].to_list()
+        scores, _, per_task = less_scores([torch.from_numpy(c["sketch_train"]) for c in ckpts], [torch.from_numpy(c["sketch_val"]) for c in ckpts],
+                                          tasks, weights)  # fmt: skip
+        target = replace(target, val_sketch=np.stack([c["sketch_val"] for c in ckpts]), less_scores=scores.numpy(), less_task_scores=per_task.numpy())
     manifest["timings"]["synthetic"] = round(time.perf_counter() - t_start, 3)
     with atomic_path(run_dir / "bad_records.jsonl") as tmp:
         tmp.write_text("")
     write_json(run_dir / "progress.json", {"stage": "complete", "done": 1, "total": 1, "rate": 0.0, "eta_s": None, "updated": time.time()})
-    return write_run(run_dir, manifest, train=train, targets=[target], grad_norms=np.stack(grad_norms),
-                     train_sketch=np.stack(sketches_train) if sketching else None)  # fmt: skip
+    return write_run(run_dir, manifest, train=train, targets=[target], grad_norms=np.stack([c["grad_norm"] for c in ckpts]),
+                     train_sketch=np.stack([c["sketch_train"] for c in ckpts]) if sketching else None)  # fmt: skip

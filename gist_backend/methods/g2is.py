@@ -163,6 +163,89 @@ def _bar(total: int, desc: str, on: bool):
     return tqdm(total=total, desc=desc, leave=False)
 
 
+class _Component:
+    """The walk of one PCA component: the chosen set S and, for every row, min_{s∈S} x·s and x·S (see the module docstring)."""
+
+    def __init__(self, x: torch.Tensor, used: torch.Tensor, cv: torch.Tensor, delta: float, flush_every: int):
+        self.x, self.used, self.cv, self.delta = x, used, cv, delta
+        self.mindot = torch.full((x.shape[0],), math.inf, dtype=torch.float32, device=x.device)
+        self.sdot = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        self.pend = torch.empty(max(1, int(flush_every)), x.shape[1], dtype=torch.float32, device=x.device)
+        self.n_pend, self.s_v, self.s_2 = 0, 0.0, 0.0  # additions not yet in mindot/sdot; S·v; ‖S‖²
+        self.chosen: list[int] = []
+
+    def flush(self) -> None:
+        """Fold the pending additions into mindot and sdot with one matmul."""
+        if self.n_pend:
+            dots = self.x @ self.pend[: self.n_pend].T  # (N, n_pend)
+            torch.minimum(self.mindot, dots.amin(dim=1), out=self.mindot)
+            self.sdot.add_(dots.sum(dim=1))
+            self.n_pend = 0
+
+    def consistent(self, cand_cv: torch.Tensor, cand_sdot: torch.Tensor) -> torch.Tensor:
+        """Rule (b): |cos(S + x, v)| ≥ δ |cos(S, v)| for each candidate (true for every x while S is empty)."""
+        if not self.chosen:
+            return torch.ones_like(cand_cv, dtype=torch.bool)
+        lhs = (cand_cv + self.s_v).abs() / (cand_sdot * 2 + (self.s_2 + 1.0)).clamp_min(1e-20).sqrt()
+        return lhs >= self.delta * abs(self.s_v) / math.sqrt(max(self.s_2, 1e-20))
+
+    def from_neighbours(self, nb: torch.Tensor) -> tuple[int, float]:
+        """The first of the last pick's neighbours that is unused, conflict-free and consistent: (row, x·S), or (-1, 0)."""
+        md, sd = self.mindot[nb], self.sdot[nb]
+        if self.n_pend:
+            d_p = self.x[nb] @ self.pend[: self.n_pend].T
+            md, sd = torch.minimum(md, d_p.amin(dim=1)), sd + d_p.sum(dim=1)
+        ok = ~self.used[nb] & (md >= 0) & self.consistent(self.cv[nb], sd)
+        if not bool(ok.any()):
+            return -1, 0.0
+        j = int(ok.to(torch.uint8).argmax())
+        return int(nb[j]), float(sd[j])
+
+    def fallback(self) -> tuple[int, float]:
+        """The unused row of highest cos(x, v) satisfying rules (a) and (b): (row, x·S), or (-1, 0) when none does."""
+        self.flush()
+        ok = ~self.used & (self.mindot >= 0) & self.consistent(self.cv, self.sdot)
+        if not bool(ok.any()):
+            return -1, 0.0
+        j = int(self.cv.masked_fill(~ok, -math.inf).argmax())
+        return j, float(self.sdot[j])
+
+    def add(self, pick: int, pick_sdot: float) -> None:
+        """S ← S + x_pick, with ‖S + x‖² = ‖S‖² + 2 x·S + ‖x‖²."""
+        self.s_2 += 2.0 * pick_sdot + float(self.x[pick].square().sum())
+        self.s_v += float(self.cv[pick])
+        self.chosen.append(pick)
+        self.used[pick] = True
+        if self.n_pend == self.pend.shape[0]:
+            self.flush()
+        self.pend[self.n_pend] = self.x[pick]
+        self.n_pend += 1
+
+
+def _walk(walk: _Component, budget: int, anchors: torch.Tensor, nbrs: torch.Tensor, info: dict, bar) -> None:
+    """Walk one component until its budget is met or no row qualifies (the shortfall is recorded in ``info``)."""
+    while len(walk.chosen) < budget:
+        pick, pick_sdot = -1, 0.0
+        if not walk.chosen:
+            free = ~walk.used[anchors]
+            if bool(free.any()):
+                pick = int(anchors[int(free.to(torch.uint8).argmax())])
+                info["start_from_anchor"] = True
+        else:
+            pick, pick_sdot = walk.from_neighbours(nbrs[walk.chosen[-1]].to(device=walk.x.device, dtype=torch.long))
+        if pick < 0:
+            pick, pick_sdot = walk.fallback()
+            if pick < 0:
+                info["shortfall"] = budget - len(walk.chosen)
+                return
+            info["fallback_steps"] += 1
+            if not walk.chosen:
+                info["start_from_anchor"] = False
+        walk.add(pick, pick_sdot)
+        if bar:
+            bar.update(1)
+
+
 def g2is_select(
     train_feats: torch.Tensor,
     val_feats: torch.Tensor,
@@ -189,7 +272,6 @@ def g2is_select(
         raise ValueError(f"delta must be >= 0, got {delta}")
     t0, c0 = time.perf_counter(), time.process_time()
     dev = torch.device(device) if device is not None else train_feats.device
-    n = train_feats.shape[0]
     x = train_feats.to(device=dev, dtype=torch.float32)
     norms = x.norm(dim=1, keepdim=True)
     x = x.div_(norms.clamp_min(1e-30)) if x.data_ptr() != train_feats.data_ptr() else x / norms.clamp_min(1e-30)
@@ -201,90 +283,21 @@ def g2is_select(
     t1 = time.perf_counter()
     nbrs = knn_graph(x, knn_k, block=block, device=dev, knn_dtype=knn_dtype, progress=progress)
     t2 = time.perf_counter()
-
     used = ~avail  # global: chosen by any component, or unusable
-    mindot = torch.empty(n, dtype=torch.float32, device=dev)
-    sdot = torch.empty(n, dtype=torch.float32, device=dev)
-    fl = max(1, int(flush_every))
-    pend = torch.empty(fl, x.shape[1], dtype=torch.float32, device=dev)
     selected: list[int] = []
     per_component: list[dict] = []
     bar = _bar(int(budget), "G2IS walk", progress)
     for c, (b_c, r_c) in enumerate(zip(budgets, ratios)):
-        info = {"component": c, "explained_variance_ratio": r_c, "budget": b_c, "chosen": [], "shortfall": 0,
-                "fallback_steps": 0, "start_from_anchor": None}
+        walk = _Component(x, used, cosv[:, c].contiguous(), delta, flush_every)
+        info = {"component": c, "explained_variance_ratio": r_c, "budget": b_c, "chosen": walk.chosen, "shortfall": 0,
+                "fallback_steps": 0, "start_from_anchor": None}  # fmt: skip
         per_component.append(info)
-        if b_c == 0:
-            continue
-        cv = cosv[:, c].contiguous()
-        cv_masked = cv.masked_fill(~avail, -math.inf)
-        anchors = cv_masked.topk(min(int(n_anchors), int(avail.sum()))).indices if n_anchors > 0 else cv[:0].long()
-        mindot.fill_(math.inf)
-        sdot.zero_()
-        n_pend = 0
-        s_v = 0.0  # S · v_c
-        s_2 = 0.0  # ‖S‖²
-        chosen: list[int] = info["chosen"]
-
-        def flush() -> None:
-            nonlocal n_pend
-            if n_pend:
-                dots = x @ pend[:n_pend].T  # (N, n_pend)
-                torch.minimum(mindot, dots.amin(dim=1), out=mindot)
-                sdot.add_(dots.sum(dim=1))
-                n_pend = 0
-
-        def rule_b(cand_cv: torch.Tensor, cand_sdot: torch.Tensor) -> torch.Tensor:
-            if not chosen:
-                return torch.ones_like(cand_cv, dtype=torch.bool)
-            lhs = (cand_cv + s_v).abs() / (cand_sdot * 2 + (s_2 + 1.0)).clamp_min(1e-20).sqrt()
-            return lhs >= delta * abs(s_v) / math.sqrt(max(s_2, 1e-20))
-
-        while len(chosen) < b_c:
-            pick, pick_sdot = -1, 0.0
-            if not chosen:
-                free = ~used[anchors]
-                if bool(free.any()):
-                    pick = int(anchors[int(free.to(torch.uint8).argmax())])
-                    info["start_from_anchor"] = True
-            else:
-                nb = nbrs[chosen[-1]].to(device=dev, dtype=torch.long)
-                md, sd = mindot[nb], sdot[nb]
-                if n_pend:
-                    d_p = x[nb] @ pend[:n_pend].T
-                    md = torch.minimum(md, d_p.amin(dim=1))
-                    sd = sd + d_p.sum(dim=1)
-                ok = ~used[nb] & (md >= 0) & rule_b(cv[nb], sd)
-                if bool(ok.any()):
-                    j = int(ok.to(torch.uint8).argmax())
-                    pick, pick_sdot = int(nb[j]), float(sd[j])
-            if pick < 0:  # fallback: best unused row by cos to v_c under rules (a) and (b)
-                flush()
-                ok = ~used & (mindot >= 0) & rule_b(cv, sdot)
-                if bool(ok.any()):
-                    j = int(cv.masked_fill(~ok, -math.inf).argmax())
-                    pick, pick_sdot = j, float(sdot[j])
-                    info["fallback_steps"] += 1
-                    if not chosen:
-                        info["start_from_anchor"] = False
-                else:
-                    info["shortfall"] = b_c - len(chosen)
-                    break
-            # add pick: S ← S + x_pick
-            s_2 += 2.0 * pick_sdot + float(x[pick].square().sum())  # ‖S + x‖² = ‖S‖² + 2 x·S + ‖x‖²
-            s_v += float(cv[pick])
-            chosen.append(pick)
-            used[pick] = True
-            if n_pend == fl:
-                flush()
-            pend[n_pend] = x[pick]
-            n_pend += 1
-            if bar:
-                bar.update(1)
-        selected.extend(chosen)
+        if b_c:
+            anchors = walk.cv.masked_fill(~avail, -math.inf).topk(min(int(n_anchors), int(avail.sum()))).indices if n_anchors > 0 else walk.cv[:0].long()
+            _walk(walk, b_c, anchors, nbrs, info, bar)
+        selected.extend(walk.chosen)
     if bar:
         bar.close()
     if timings is not None:
-        timings.update(prepare_s=t1 - t0, knn_s=t2 - t1, walk_s=time.perf_counter() - t2,
-                       process_cpu_s=time.process_time() - c0)
+        timings.update(prepare_s=t1 - t0, knn_s=t2 - t1, walk_s=time.perf_counter() - t2, process_cpu_s=time.process_time() - c0)
     return G2ISResult(selected=selected, per_component=per_component)

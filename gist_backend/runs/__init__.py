@@ -8,7 +8,7 @@
 Names are imported on first use, so ``gist_backend.runs.files`` needs only numpy (a bare GPU box has no polars).
 """
 
-from importlib import import_module
+from gist_backend.lazy import lazy_exports
 
 _EXPORTS = {
     "RunError": "files", "atomic_path": "files", "file_sha256": "files", "read_json": "files", "read_npy": "files",
@@ -22,9 +22,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gist_backend.runs' has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # importing the submodule `compute` bound the module to this name; the function wins
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,0 +1,282 @@
+"""A user's data is never the casualty: export guards, --overwrite, changed inputs, two writers, repeated ids,
+and errors that say what to do instead of tracebacks (tests/RELIABILITY.md lists what each case showed before)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gist_backend.cli import main as cli_main
+from gist_backend.compute import ComputeConfig, compute
+from gist_backend.curation import scores
+from gist_backend.runs import RunError, open_run
+
+torch.set_num_threads(1)
+SMALL = dict(k_max=6, warmup_epochs=1, warmup_fraction=0.2, warmup_lr=1e-3, warmup_batch=4, max_len=64, shard_size=16)
+
+
+def _config(model, pool, val, **changes) -> ComputeConfig:
+    return ComputeConfig(model=str(model), train=[str(p) for p in (pool if isinstance(pool, list) else [pool])], val=[str(val)], **(SMALL | changes))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_llama, tmp_path_factory):
+    """A small finished run and its inputs (tests copy what they change)."""
+    from gist_backend.devkit.tiny import make_toy_data
+
+    root = tmp_path_factory.mktemp("safety")
+    pool, val = make_toy_data(root / "data", n_train=24, n_val=8)
+    run_dir = compute(_config(tiny_llama, pool, val), root / "run")
+    return {"root": root, "pool": pool, "val": val, "run": Path(run_dir), "model": tiny_llama}
+
+
+def _error(capsys, argv: list[str]) -> str:
+    """Run the CLI expecting a clean failure (exit 2, one error line, no traceback); returns stderr."""
+    capsys.readouterr()  # drop what earlier steps printed
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    return err
+
+
+# ---------------------------------------------------------------- 1. exports never overwrite a user's file
+
+
+def test_export_refuses_inputs_run_files_and_existing_files(base, tmp_path, capsys):
+    run, pool = base["run"], base["pool"]
+    before = pool.read_bytes()
+    mode = pool.stat().st_mode
+    err = _error(capsys, ["select", "--run-dir", str(run), "--budget", "3", "--out", str(pool)])
+    assert "is an input of run" in err and pool.read_bytes() == before and pool.stat().st_mode == mode
+    link = tmp_path / "innocent.jsonl"
+    link.symlink_to(pool)
+    assert "is an input of run" in _error(capsys, ["select", "--run-dir", str(run), "--budget", "3", "--out", str(link), "--force"])
+    assert pool.read_bytes() == before and link.is_symlink()
+    manifest = (run / "manifest.json").read_bytes()
+    for inside in (run / "manifest.json", run / "exports" / "sel.jsonl", run / "targets" / "val" / "x.jsonl"):
+        assert "inside run folder" in _error(capsys, ["select", "--run-dir", str(run), "--budget", "3", "--out", str(inside), "--force"])
+    assert (run / "manifest.json").read_bytes() == manifest and open_run(run)
+    out = tmp_path / "sel.jsonl"
+    cli_main(["select", "--run-dir", str(run), "--budget", "3", "--out", str(out)])
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()  # a normal file, not a 0600 temporary
+    first = out.read_bytes()
+    assert "already exists; pass --force" in _error(capsys, ["select", "--run-dir", str(run), "--budget", "5", "--out", str(out)])
+    assert out.read_bytes() == first
+    cli_main(["select", "--run-dir", str(run), "--budget", "5", "--out", str(out), "--force"])
+    assert len(out.read_text().splitlines()) == 5
+    assert "is a folder" in _error(capsys, ["select", "--run-dir", str(run), "--budget", "3", "--out", str(tmp_path)])
+    assert "output path is empty" in _error(capsys, ["select", "--run-dir", str(run), "--budget", "3", "--out", " "])
+    assert "is an input of run" in _error(capsys, ["scores", "--run-dir", str(run), "--out", str(base["val"]), "--force"])
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# ---------------------------------------------------------------- 2. --overwrite starts from an empty run, atomically
+
+
+def test_overwrite_recomputes_everything_and_keeps_the_old_run_until_done(base, tmp_path):
+    from gist_backend.devkit.tiny import make_toy_data
+
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    _, other_val = make_toy_data(tmp_path / "other", n_train=4, n_val=10, seed=5)
+    changed = _config(base["model"], base["pool"], other_val, k_max=4, lora_rank=4)
+    with pytest.raises(RunError, match="different options"):
+        compute(changed, run)
+    fresh = compute(changed, tmp_path / "fresh")
+    compute(changed, run, overwrite=True)
+    got, want = open_run(run), open_run(fresh)
+    assert got.k_max == want.k_max == 4 and got.manifest["k_max"] == 4 and got.manifest["config"]["lora_rank"] == 4
+    np.testing.assert_array_equal(got.val_coords, want.val_coords)
+    np.testing.assert_allclose(scores(got, "gist"), scores(want, "gist"), atol=1e-6)
+    assert not (tmp_path / ".run.overwrite").exists() and not (tmp_path / ".run.replaced").exists()
+
+
+def _overwrite_child(args):
+    cfg, run, marker = args
+    import gist_backend.stages.passes as passes
+
+    real = passes.pool_pass
+
+    def pool_pass(*a, **k):  # the new run is under way: say so, then wait to be killed
+        Path(marker).write_text("started")
+        time.sleep(60)
+        return real(*a, **k)
+
+    passes.pool_pass = pool_pass
+    import gist_backend.compute as c
+
+    c.pool_pass = pool_pass
+    compute(cfg, run, overwrite=True)
+
+
+def test_killed_overwrite_leaves_the_old_run_readable(base, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    old = scores(open_run(run), "gist")
+    marker = tmp_path / "started"
+    cfg = _config(base["model"], base["pool"], base["val"], k_max=3)
+    proc = multiprocessing.get_context("fork").Process(target=_overwrite_child, args=((cfg, run, marker),))
+    proc.start()
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists()
+    np.testing.assert_array_equal(scores(open_run(run), "gist"), old)  # still the old run while the new one is computed
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    np.testing.assert_array_equal(scores(open_run(run), "gist"), old)
+    compute(cfg, run, overwrite=True)  # the same command resumes the new run in its side folder, then swaps
+    assert open_run(run).k_max == 3
+
+
+# ---------------------------------------------------------------- 3. changed inputs are detected
+
+
+def test_changed_pool_is_refused_naming_the_file(base, tmp_path, capsys):
+    pool = tmp_path / "pool.jsonl"
+    shutil.copy(base["pool"], pool)
+    run = compute(_config(base["model"], pool, base["val"]), tmp_path / "run")
+    lines = pool.read_text().splitlines()
+    pool.write_text("\n".join(lines[:10]) + "\n")  # the user edits the pool after computing
+    err = _error(capsys, ["compute", *_config(base["model"], pool, base["val"]).to_argv(), "--run-dir", str(run)])
+    assert f"{pool} changed since run" in err and "--overwrite" in err
+    out = tmp_path / "sel.jsonl"
+    capsys.readouterr()
+    cli_main(["select", "--run-dir", str(run), "--budget", "20", "--out", str(out)])
+    assert "records copied from the run" in capsys.readouterr().out
+    exported = out.read_text().splitlines()
+    original = base["pool"].read_text().splitlines()
+    assert len(exported) == 20 and set(exported) <= set(original)  # the records the run was computed from
+
+
+# ---------------------------------------------------------------- 4. one writer at a time
+
+
+def _hold_lock(args):
+    run, scope, ready = args
+    from gist_backend.runs.lock import run_lock
+
+    with run_lock(run, scope, "gist-curate compute (test)"):
+        Path(ready).write_text("held")
+        time.sleep(60)
+
+
+def test_second_writer_fails_fast_naming_the_holder_and_a_dead_holder_frees_the_lock(base, tmp_path):
+    run = tmp_path / "run"
+    ready = tmp_path / "ready"
+    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=((run, "run", ready),))
+    run.mkdir()
+    holder.start()
+    deadline = time.time() + 30
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    start = time.time()
+    with pytest.raises(RunError, match=rf"is busy: gist-curate compute \(test\) \(pid {holder.pid}"):
+        compute(_config(base["model"], base["pool"], base["val"]), run)
+    assert time.time() - start < 10 and not (run / "manifest.json").exists()
+    os.kill(holder.pid, signal.SIGKILL)  # the OS releases the lock of a dead process
+    holder.join()
+    compute(_config(base["model"], base["pool"], base["val"]), run)
+    assert open_run(run).manifest["status"] == "complete"
+
+
+def test_edits_wait_for_a_brief_writer_but_not_forever(base, tmp_path):
+    from gist_backend.curation.edits import add_edit, load_edits
+
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    ready = tmp_path / "ready"
+    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=((run, "edits", ready),))
+    holder.start()
+    while not ready.exists():
+        time.sleep(0.02)
+    with pytest.raises(RunError, match="is busy"):
+        add_edit(run, "exclude", ["x"], "api")  # waits ~10 s for the holder, then says who holds the log
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    add_edit(run, "exclude", ["x"], "api")
+    assert len(load_edits(run)) == 1
+
+
+# ---------------------------------------------------------------- 5. ids repeated across input files
+
+
+def test_ids_repeated_across_files_are_made_unique_and_reported(base, tmp_path, capsys):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    rows = [json.loads(line) for line in base["pool"].read_text().splitlines()]
+    a.write_text("".join(json.dumps(r | {"id": f"x{i}"}) + "\n" for i, r in enumerate(rows[:8])))
+    b.write_text("".join(json.dumps(r | {"id": f"x{i}"}) + "\n" for i, r in enumerate(rows[8:16])))
+    run = open_run(compute(_config(base["model"], [a, b], base["val"]), tmp_path / "run"))
+    ids = run.train["id"].to_list()
+    assert len(ids) == 16 == len(set(ids)) and "x0-2" in ids
+    assert run.manifest["n_renamed_ids"] == 8 and run.manifest["renamed_ids"][0] == {"split": "train", "file": str(b), "line": 1, "id": "x0", "new_id": "x0-2"}
+    assert "made unique" in capsys.readouterr().out
+    cli_main(["select", "--run-dir", str(run.path), "--budget", "16", "--out", str(tmp_path / "all.jsonl")])
+    assert sorted((tmp_path / "all.jsonl").read_text().splitlines()) == sorted(a.read_text().splitlines() + b.read_text().splitlines())
+
+
+# ---------------------------------------------------------------- clear errors instead of tracebacks
+
+
+def test_disk_full_and_read_only_folders_are_explained(base, tmp_path, monkeypatch, capsys):
+    from gist_backend.runs import files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    err = _error(capsys, ["select", "--run-dir", str(base["run"]), "--budget", "3", "--out", str(tmp_path / "x.jsonl")])
+    assert "disk is full" in err and not list(tmp_path.glob(".x.jsonl.*"))
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system", str(tmp_path))))
+    assert "read-only or not yours" in _error(capsys, ["edit", "--run-dir", str(base["run"]), "exclude", open_run(base["run"]).train["id"][0]])
+
+
+def test_bad_arguments_and_unknown_ids(base, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["serve", "--port", "99999"])
+    assert exit_.value.code == 2 and "port must be between 1 and 65535" in capsys.readouterr().err
+    assert "not in run" in _error(capsys, ["edit", "--run-dir", str(base["run"]), "exclude", "no-such-id"])
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", "--run-dir", str(base["run"]), "--test", "t.jsonl", "--baselines", "random:0"])
+    assert "random:N with N ≥ 1" in capsys.readouterr().err
+
+
+def test_interrupted_commands_say_resume_only_when_they_can(base, monkeypatch, capsys):
+    from gist_backend import commands
+
+    def stop(args):
+        raise KeyboardInterrupt
+
+    for name, resumable in (("scores", False), ("serve", False), ("compute", True)):
+        monkeypatch.setitem(commands.COMMANDS, name, stop)
+        argv = {"scores": ["scores", "--run-dir", "r", "--out", "o"], "serve": ["serve"],
+                "compute": ["compute", "--model", "m", "--train", "p", "--val", "v", "--run-dir", "r"]}[name]  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 130 and ("resume" in err) == resumable, (name, err)
+
+
+def test_a_degenerate_subspace_is_warned_about(base, tmp_path, capsys):
+    one = tmp_path / "one.jsonl"
+    one.write_text(base["val"].read_text().splitlines()[0] + "\n")
+    run = open_run(compute(_config(base["model"], base["pool"], one), tmp_path / "run"))
+    assert run.k_max == 1 and "every GIST score is ±1" in run.manifest["warnings"][0]
+    cli_main(["info", "--run-dir", str(run.path)])
+    assert "warning: the task subspace has 1 direction" in capsys.readouterr().out
