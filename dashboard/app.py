@@ -31,6 +31,7 @@ PAGES = {
         st.Page("views/examples.py", title="Examples", icon=":material/table_rows:", url_path="examples"),
         st.Page("views/map.py", title="Map", icon=":material/scatter_plot:", url_path="map"),
         st.Page("views/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+        st.Page("views/evaluate.py", title="Evaluate", icon=":material/science:", url_path="evaluate"),
         st.Page("views/export.py", title="Export", icon=":material/download:", url_path="export"),
     ],
 }

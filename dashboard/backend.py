@@ -327,3 +327,20 @@ def _comparison(key: str, budget_: int | str, rank: int, methods: tuple[str, ...
 def comparison(run: Run) -> dict:
     """Every available method's own selection (no caps, no edits) at the shared budget and rank (cached)."""
     return _comparison(run_key(run), budget(run), session.rank(), tuple(available_methods(run)), run)
+
+
+# ---------------------------------------------------------------- evaluations
+
+
+def eval_recipe(run: Run):
+    """The run's warmup recipe, the default for fine-tuning evaluation arms."""
+    from gist_backend.evaluate import EvalRecipe
+
+    return EvalRecipe.from_run(run)
+
+
+def past_evaluations(run: Run) -> list[dict]:
+    """The run's stored evaluations, newest first."""
+    from gist_backend.evaluate import past_evaluations as stored
+
+    return stored(run)

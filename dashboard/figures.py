@@ -238,3 +238,28 @@ def histogram_figure(values: np.ndarray, reference: np.ndarray | None, x_title: 
 def figure_bytes(fig: go.Figure) -> int:
     """Size of the figure's JSON as sent to the browser."""
     return len(fig.to_json().encode())
+
+
+def evaluation_figure(evaluations: Sequence[tuple[str, dict]]) -> go.Figure:
+    """Each evaluated arm's difference from the mean of its random arms, with 95 % bootstrap whiskers:
+    test loss (lower is better) and accuracy in points (higher is better), one colour per evaluation."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("Test loss − random (lower is better)", "Accuracy − random, points (higher is better)"),
+                        horizontal_spacing=0.1)  # fmt: skip
+    for i, (label, result) in enumerate(evaluations):
+        arms = [a for a in result["arms"] if a.get("vs_random")]
+        colour = PALETTE[i % len(PALETTE)]
+        for col, key, scale in ((1, "test_loss", 1.0), (2, "accuracy", 100.0)):
+            shown = [a for a in arms if a["vs_random"].get(key)]
+            if not shown:
+                continue
+            v = [a["vs_random"][key] for a in shown]
+            fig.add_trace(go.Scatter(
+                x=[d["diff"] * scale for d in v], y=[f"{a['name']} · {label}" for a in shown], mode="markers", marker=dict(color=colour, size=9),
+                error_x=dict(type="data", symmetric=False, array=[(d["high"] - d["diff"]) * scale for d in v],
+                             arrayminus=[(d["diff"] - d["low"]) * scale for d in v]),
+                name=label, legendgroup=label, showlegend=col == 1,
+                hovertemplate="%{y}<br>%{x:.4f}<extra></extra>"), row=1, col=col)  # fmt: skip
+    for col in (1, 2):
+        fig.add_vline(x=0, line=dict(color="#888", dash="dash"), row=1, col=col)
+    rows = sum(len([a for a in r["arms"] if a.get("vs_random")]) for _, r in evaluations)
+    return _layout(fig, 140 + 34 * max(rows, 1), legend_below=True)

@@ -26,7 +26,7 @@ RUNS_ROOT = "runs_root"
 # Widget keys whose values must survive visiting a page that does not draw them.
 PERSISTENT = (RUNS_ROOT, TARGET, RANK, METHOD, BUDGET_MODE, BUDGET_COUNT, BUDGET_PCT, "cap_on", "cap_mode", "cap_count", "cap_pct",
               "f_text", "f_regex", "f_sources", "f_tasks", "f_state", "f_score", "f_length", "f_map",
-              "map_colour", "page_size", "compare_x", "compare_y", "detail_tab", "eval_baselines", "eval_epochs")  # fmt: skip
+              "map_colour", "page_size", "compare_x", "compare_y", "detail_tab")  # fmt: skip
 # Defaults of persistent widgets, set once per session (widgets then take no value/default argument).
 WIDGET_DEFAULTS = {"map_colour": "score", "cap_on": False, "cap_mode": "% of budget", "cap_count": 100, "cap_pct": 50.0,
                    "f_text": "", "f_regex": False, "f_state": "all", "f_sources": [], "f_tasks": [], "page_size": 100,

@@ -207,8 +207,12 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
             checkpoints = checkpoints_for(config, model, prepared.train, pad_id, run_dir, device, autocast, progress)
         timed("warmup", t0)
         chosen = plan(config, checkpoints)
-        save(d=sum(m.weight.numel() for _, m in lora_factors(model)), gradient_passes=len(chosen.passes),
-             checkpoints=[{"name": c.name, "lr": c.lr} for c in checkpoints])  # fmt: skip
+        d = sum(m.weight.numel() for _, m in lora_factors(model))
+        memory = memory_plan(config, model, d, len(prepared.val), weight_dtype)
+        if main:
+            print(memory.describe(), flush=True)
+        save(d=d, gradient_passes=len(chosen.passes), checkpoints=[{"name": c.name, "lr": c.lr} for c in checkpoints],
+             memory_plan={**asdict(memory), "device": memory.device, "host": memory.host})  # fmt: skip
 
         for c in chosen.passes:
             _checkpoint_passes(config, model, prepared, pad_id, checkpoints[c], run_dir / f"ckpt-{c}", target, c in chosen.gist, c in chosen.less,
@@ -260,6 +264,23 @@ def _checkpoint_passes(config, model, prepared, pad_id: int, checkpoint, ckpt_di
         _write_dump_examples(dump / "train_examples.jsonl", prepared.train, prepared.train_table["task"].to_list())
         _write_dump_examples(dump / "val_examples.jsonl", prepared.val, prepared.val_table["task"].to_list())
     timed("pool", t0)
+
+
+def memory_plan(config: ComputeConfig, model, d: int, m: int, weight_dtype: torch.dtype):
+    """The memory model of this compute (engine/memory.py) from the loaded model and the options."""
+    from .engine import memory
+
+    n_params = sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+    width = torch.empty((), dtype=weight_dtype).element_size()
+    cfg = model.config
+    factors = lora_factors(model)
+    activations = memory.activation_bytes(config.max_tokens, getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0),
+                                          getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0),
+                                          len(factors) // 2 // max(1, getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 1)),
+                                          factors[0][1].weight.shape[0], width)  # fmt: skip
+    return memory.plan(n_params=n_params, weight_bytes=width, d=d, k=config.k_max, m=m, batch=config.max_batch,
+                       basis_bytes=2 if config.basis_dtype == "bfloat16" else 4, grad_memory=config.grad_memory_gb * 2**30,
+                       basis_memory=config.basis_memory_gb * 2**30, host_memory=config.memory_budget_gb * 2**30, activations=activations)  # fmt: skip
 
 
 def degenerate_subspace_warnings(n_val: int, k_max: int) -> list[str]:

@@ -77,7 +77,10 @@ class ComputeConfig:
     max_tokens: int = _opt(8192, "padded tokens per gradient batch (the knob for GPU memory)", execution=True)
     max_batch: int = _opt(64, "examples per gradient batch at most", execution=True)
     shard_size: int = _opt(2048, "examples per resumable shard", execution=True)
-    memory_budget_gb: float = _opt(2.0, "host memory for validation gradients and the basis; beyond it they go to disk", execution=True)
+    memory_budget_gb: float = _opt(2.0, "host memory for the validation gradients; beyond it they go to a disk memmap", execution=True)
+    grad_memory_gb: float = _opt(4.0, "device memory for a batch's per-example gradients (B × d × 4 bytes): bounds the batch size", execution=True)
+    basis_memory_gb: float = _opt(16.0, "device memory for the GIST basis; a larger basis stays on the host and is streamed in row blocks",
+                                  execution=True)  # fmt: skip
     model_cache_dir: str | None = _opt(None, "where converted .gguf models are kept (default ~/.cache/gist-curator/models)", execution=True)
 
     def result_hash(self) -> str:

@@ -115,3 +115,13 @@ def test_quality_bench_end_to_end_tiny(capsys, tmp_path):
     assert out["evaluation"]["n_test"] == 10 and (tmp_path / "work" / "quality-mmlu.json").exists()
     again = quality.main(args)  # resumes from the cached run and per-arm results
     assert again["evaluation"]["arms"] == out["evaluation"]["arms"]
+
+
+def test_compute_cost_bench_tiny(capsys):
+    """GIST alone makes one pool pass where GIST + LESS make one per warmup epoch."""
+    from bench import compute_cost
+
+    out = compute_cost.main(["--pool-size", "40", "--val-size", "6", "--max-len", "48", "--warmup-epochs", "3"])
+    values = result_values(capsys.readouterr().out)
+    assert values["compute_gist_gradient_passes"] == 1 and out["gist,less"]["gradient_passes"] == 3
+    assert 0 < values["compute_pool_pass_gist_vs_gist_less"] < 0.6

@@ -177,3 +177,48 @@ def test_real_smollm2_run_end_to_end(tmp_path):
     values = scores(run, "gist", 2)
     assert np.isfinite(values).all() and values.std() > 0
     assert run.geometry()["checkpoints"][0]["rho"] > 0.1  # LoRA gradients are strongly coupled
+
+
+def test_gist_alone_makes_one_pass_and_info_json_says_so(tiny_llama, toy_data, tmp_path, capsys):
+    pool, val = toy_data
+    run_dir = tmp_path / "run"
+    cli_main(["compute", "--model", str(tiny_llama), "--train", str(pool), "--val", str(val), "--run-dir", str(run_dir), "--methods", "gist",
+              "--warmup-epochs", "2", "--warmup-fraction", "0.2", "--warmup-batch", "4", "--k-max", "8", "--max-len", "64"])  # fmt: skip
+    capsys.readouterr()
+    cli_main(["info", "--run-dir", str(run_dir), "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["pool"] == 60 and info["k_max"] == 8 and info["gradient_passes"] == 1 and info["targets"] == ["val"]
+    assert info["methods"]["gist"]["checkpoints"] == ["epoch-2"] and set(info["methods"]) == {"gist", "gist-global"}
+    assert info["methods"]["gist"]["bytes_per_example"] <= 2.56 * info["k_max"] + 16
+    assert not (run_dir / "ckpt-0").exists()  # no pass at the first epoch: GIST uses the final checkpoint only
+    cli_main(["compute", "--model", str(tiny_llama), "--train", str(pool), "--val", str(val), "--run-dir", str(tmp_path / "both"),
+              "--methods", "gist,less", "--less-dim", "64", "--warmup-epochs", "2", "--warmup-fraction", "0.2", "--warmup-batch", "4",
+              "--k-max", "8", "--max-len", "64", "--gist-checkpoints", "all"])  # fmt: skip
+    capsys.readouterr()
+    cli_main(["info", "--run-dir", str(tmp_path / "both"), "--json"])
+    both = json.loads(capsys.readouterr().out)
+    assert both["gradient_passes"] == 2 and both["methods"]["less"]["checkpoints"] == ["epoch-1", "epoch-2"]
+    assert both["methods"]["gist"]["checkpoints"] == ["epoch-1", "epoch-2"] and both["methods"]["less"]["bytes_per_example"] == 2 * 64 * 2
+
+
+def test_paper_recipe_and_explicit_flags(tmp_path):
+    from gist_backend.cli import build_parser, config_from_args
+
+    base = ["compute", "--model", "m", "--train", "p", "--val", "v", "--run-dir", "r"]
+    paper = config_from_args(build_parser("paper").parse_args([*base, "--recipe", "paper"]))
+    assert (paper.lora_rank, paper.lora_alpha, paper.lora_dropout, paper.max_len) == (128, 512, 0.1, 2048)
+    assert (paper.warmup_epochs, paper.warmup_fraction, paper.warmup_lr) == (4, 0.05, 2e-5)
+    mine = config_from_args(build_parser("paper").parse_args([*base, "--recipe", "paper", "--lora-rank", "64", "--lora-dropout", "0.05"]))
+    assert (mine.lora_rank, mine.lora_dropout, mine.lora_alpha) == (64, 0.05, 512)  # explicit flags win over the recipe
+    default = config_from_args(build_parser().parse_args(base))
+    assert (default.lora_rank, default.lora_dropout, default.gist_checkpoints) == (8, 0.0, "final")
+
+
+def test_lora_dropout_reaches_the_adapter_and_not_the_gradients(tiny_llama, toy_data, tmp_path):
+    pool, val = toy_data
+    config = ComputeConfig(model=str(tiny_llama), train=[str(pool)], val=[str(val)], lora_dropout=0.5, **SMALL)
+    run = open_run(compute(config, tmp_path / "run", dump_full_grads=tmp_path / "dump"))
+    adapter = json.loads((tmp_path / "dump" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["lora_dropout"] == 0.5
+    val_grads, train_grads = np.load(tmp_path / "dump" / "val_grads.npy"), np.load(tmp_path / "dump" / "train_grads.npy")
+    np.testing.assert_allclose(scores(run, "gist", 4), svd_scores(val_grads, train_grads, run.val_tasks, 4), atol=1e-3)  # eval mode: deterministic

@@ -20,7 +20,7 @@ from gist_backend.curation import scoring  # noqa: E402
 from gist_backend.runs import open_run  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
-VIEWS = ("runs", "spectrum", "coupling", "examples", "map", "compare", "export")
+VIEWS = ("runs", "spectrum", "coupling", "examples", "map", "compare", "evaluate", "export")
 TIMEOUT = 120
 
 
@@ -113,7 +113,8 @@ def test_every_view_renders(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> N
         if view == "map":
             wait_for_map(at)
         titles.append(at.title[0].value)
-    assert titles == ["Spectrum", "Coupling", "Examples", "Map", "Compare", "Export"]
+    assert titles == ["Spectrum", "Coupling", "Examples", "Map", "Compare", "Evaluate", "Export"]
+    assert sorted(p.stem for p in (APP.parent / "views").glob("*.py") if p.stem != "__init__") == sorted(VIEWS)  # every page is loaded
     assert "G2IS" in " ".join(c.value for c in at.switch_page("views/compare.py").run().caption)
 
 
@@ -428,3 +429,37 @@ def test_user_text_is_never_rendered_as_markdown(hostile_run: Path, monkeypatch:
             assert "![" not in text and "<img" not in text and ":red[" not in text and "](javascript" not in text, (view, text)
     at.switch_page("views/examples.py").run()
     assert any("\\!\\[pixel\\]" in c.value or "ʼcodeʼ" in m.value for c in at.caption for m in at.markdown)  # shown, escaped
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from dashboard import jobs
+    from gist_backend.compute import ComputeConfig, compute
+    from gist_backend.devkit.tiny import make_toy_data
+
+    pool, val = make_toy_data(tmp_path / "data", n_train=40, n_val=8)
+    run_dir = Path(compute(ComputeConfig(model=str(tiny_llama), train=[str(pool)], val=[str(val)], k_max=6, warmup_epochs=1,
+                                         warmup_fraction=0.2, warmup_batch=4, max_len=64), tmp_path / "run"))  # fmt: skip
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"id": f"t{i}", "messages": [{"role": "user", "content": f"What is {100 + i} plus 1?"},
+                                                                     {"role": "assistant", "content": f"{101 + i}."}],
+                                        "choices": [f"{101 + i}.", f"{102 + i}."], "answer_index": 0}) + "\n" for i in range(8)))  # fmt: skip
+    at = app(run_dir, monkeypatch, "evaluate")
+    assert any("No evaluation of this run yet" in i.value for i in at.info)
+    at.text_input(key="eval_test").set_value(str(test))
+    at.number_input(key="eval_baselines").set_value(2)
+    at.number_input(key="eval_epochs").set_value(1)
+    button(at, "Evaluate the current selection").click().run()
+    assert_clean(at)
+    deadline = time.time() + 240
+    while jobs.job_status(run_dir, "evaluate").state == "running":
+        assert time.time() < deadline, jobs.log_tail(run_dir, "evaluate")
+        time.sleep(1)
+    assert jobs.job_status(run_dir, "evaluate").state == "complete", jobs.log_tail(run_dir, "evaluate")
+    at.run()
+    assert_clean(at)
+    assert at.get("plotly_chart") and at.dataframe[-1].value["arm"].to_list()[:2] == ["gist-r6", "base"]
+    result = next(r for r in (json.loads(p.read_text()) for p in (run_dir / "evals").glob("*.json")) if r.get("format") == "gist-curator-eval")
+    assert result["baselines"] == 2 and result["recipe"]["epochs"] == 1 and result["arms"][0]["selection"]["budget"] == 2  # 5 % of 40

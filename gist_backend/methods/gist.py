@@ -61,6 +61,42 @@ def fit_subspace(
     return sigma_all.numpy(), basis, val_coords
 
 
+class Projector:
+    """z = Vᵀ g for batches of gradients: V resident on the device, or kept on the host and streamed in row blocks.
+
+    The basis (d × k) is held in ``dtype`` (bfloat16 halves it). When it is larger than ``memory_bytes`` it stays
+    on the host (pinned on CUDA) and each batch is projected one block of rows at a time, so the device never
+    holds more than ``memory_bytes`` of it; the result is the same sum, accumulated in float32.
+    """
+
+    def __init__(self, basis: np.ndarray, device: torch.device | str, dtype: torch.dtype = torch.float32, memory_bytes: int = 1 << 34):
+        self.device, self.dtype = torch.device(device), dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        d, k = basis.shape
+        self.resident = d * k * itemsize <= memory_bytes
+        host = torch.as_tensor(np.asarray(basis)).to(dtype)
+        if self.resident:
+            self.basis = host.to(self.device)
+            self.rows = d
+        else:
+            self.basis = host.pin_memory() if self.device.type == "cuda" else host
+            self.rows = max(1, int(memory_bytes // (k * itemsize)))
+
+    @property
+    def k(self) -> int:
+        return int(self.basis.shape[1])
+
+    def __call__(self, grads: torch.Tensor) -> torch.Tensor:
+        """(B, d) gradients on the device → (B, k) float32 coordinates."""
+        if self.resident:
+            return (grads.to(self.dtype) @ self.basis).float()
+        out = torch.zeros(grads.shape[0], self.k, dtype=torch.float32, device=grads.device)
+        for start in range(0, self.basis.shape[0], self.rows):
+            block = self.basis[start : start + self.rows].to(grads.device, non_blocking=True)
+            out += (grads[:, start : start + block.shape[0]].to(self.dtype) @ block).float()
+        return out
+
+
 def task_centroids(val_coords: np.ndarray, val_tasks: Sequence[str], rank: int) -> tuple[list[str], np.ndarray]:
     """Unit-norm mean validation coordinate (first ``rank`` dims) per sub-task: (names, (T, rank))."""
     tasks = sorted(set(val_tasks))

@@ -18,11 +18,17 @@ import torch
 from ..config import ComputeConfig
 from ..engine.grads import iter_gradients, lora_factors
 from ..methods import geometry
-from ..methods.gist import fit_subspace
+from ..methods.gist import Projector, fit_subspace
 from ..runs.files import read_tensors, tensors_complete, write_json, write_npy, write_tensors
 from .checkpoints import Checkpoint, adam_state
 
 SKETCH_BLOCK = 256  # validation rows projected at a time
+BASIS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def batch_limit(config: ComputeConfig, d: int) -> int:
+    """Examples per gradient batch: --max-batch, and no more than --grad-memory-gb of per-example gradients (B × d × 4 bytes)."""
+    return max(1, min(config.max_batch, int(config.grad_memory_gb * 2**30 // (d * 4))))
 
 
 def validation_file(ckpt_dir: Path, target: str) -> Path:
@@ -49,7 +55,7 @@ def validation_pass(config: ComputeConfig, model, val_ex: list, pad_id: int, ckp
     else:
         grads = np.empty((m, d), np.float32)
     for indices, batch_grads, _ in iter_gradients(
-        model, val_ex, pad_id, device=device, max_tokens=config.max_tokens, max_batch=config.max_batch, autocast_dtype=autocast,
+        model, val_ex, pad_id, device=device, max_tokens=config.max_tokens, max_batch=batch_limit(config, d), autocast_dtype=autocast,
         desc=f"val grads {ckpt_dir.name}", progress=lambda done, total, rate: progress(f"validation gradients ({ckpt_dir.name})", done, total, rate),
     ):  # fmt: skip
         grads[indices] = batch_grads.cpu().numpy()
@@ -85,14 +91,18 @@ def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpo
               gist: bool, sketch: bool, device, autocast, progress, dump: np.ndarray | None = None,
               proc_rank: int = 0, world: int = 1) -> None:  # fmt: skip
     """Pool gradients → coordinates and ‖g‖ (GIST) and sketches (LESS), shard by shard; finished shards are skipped."""
-    basis = torch.as_tensor(read_tensors(validation_file(ckpt_dir, target))["basis"]).to(device) if gist else None
+    d = sum(m.weight.numel() for _, m in lora_factors(model))
+    projector = None
+    if gist:
+        projector = Projector(read_tensors(validation_file(ckpt_dir, target))["basis"], device, BASIS_DTYPES[config.basis_dtype],
+                              int(config.basis_memory_gb * 2**30))  # fmt: skip
     if sketch:
         from ..methods.adam import adam_precondition
         from ..methods.projection import make_projection, project
 
         exp_avg, exp_avg_sq, beta1, beta2 = adam_state(checkpoint, model)
         exp_avg, exp_avg_sq = exp_avg.to(device), exp_avg_sq.to(device)
-        proj = make_projection(sum(m.weight.numel() for _, m in lora_factors(model)), config.less_dim, config.seed)
+        proj = make_projection(d, config.less_dim, config.seed)
     n = len(train_ex)
     starts = range(0, n, config.shard_size)
     for s, start in enumerate(starts):
@@ -101,20 +111,20 @@ def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpo
         shard = train_ex[start : start + config.shard_size]
         expected = {"loss": (len(shard),)}
         if gist:
-            expected.update(coords=(len(shard), basis.shape[1]), grad_norm=(len(shard),))
+            expected.update(coords=(len(shard), projector.k), grad_norm=(len(shard),))
         if sketch:
             expected["sketch"] = (len(shard), config.less_dim)
         if dump is None and tensors_complete(shard_path(ckpt_dir, s), expected):
             continue  # finished earlier (a damaged or mismatched shard is recomputed)
         out = {name: np.empty(shape, np.float16 if name == "sketch" else np.float32) for name, shape in expected.items()}
         for indices, grads, losses in iter_gradients(
-            model, shard, pad_id, device=device, max_tokens=config.max_tokens, max_batch=config.max_batch, autocast_dtype=autocast,
+            model, shard, pad_id, device=device, max_tokens=config.max_tokens, max_batch=batch_limit(config, d), autocast_dtype=autocast,
             desc=f"pool grads {ckpt_dir.name} shard {s + 1}/{len(starts)}",
             progress=lambda done, total, rate: progress(f"pool gradients ({ckpt_dir.name})", start + done, n, rate),
         ):  # fmt: skip
             out["loss"][indices] = losses.cpu().numpy()
             if gist:
-                out["coords"][indices] = (grads @ basis).cpu().numpy()
+                out["coords"][indices] = projector(grads).cpu().numpy()
                 out["grad_norm"][indices] = grads.double().norm(dim=1).float().cpu().numpy()
             if sketch:
                 out["sketch"][indices] = project(proj, adam_precondition(grads, exp_avg, exp_avg_sq, beta1, beta2)).cpu().numpy()

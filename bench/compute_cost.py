@@ -1,0 +1,83 @@
+"""Compute cost of GIST as published against GIST + LESS, on the same pool, in one script run.
+
+Two computes with the tool's defaults (4 warmup epochs on 5 % of the pool): `--methods gist` makes one pass
+over the pool (GIST uses the final checkpoint), `--methods gist,less` one per warmup epoch (LESS uses every
+checkpoint, and GIST's coordinates come from the last pass). Reported: wall time of each, their ratio
+(`RESULT compute_gist_vs_gist_less`, GIST claims 25 %), the pool-pass time ratio, and gradient_passes.
+
+    python bench/compute_cost.py                         # tiny random Llama, seconds on a CPU
+    python bench/compute_cost.py --model smollm2 --pool-size 64   # SmolLM2-135M-Instruct (offline)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine, result_lines, table, write_json  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run both computes and print the ratios."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="'tiny' (random Llama), 'smollm2', or a model folder / hub id")
+    p.add_argument("--pool-size", type=int, default=200)
+    p.add_argument("--val-size", type=int, default=20)
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--warmup-epochs", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    from gist_backend.compute import compute
+    from gist_backend.config import ComputeConfig
+    from gist_backend.devkit.tiny import make_tiny_model, make_toy_data
+    from gist_backend.runs.store import open_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="gist-cost-"))
+    try:
+        if args.model == "tiny":
+            model = str(make_tiny_model(work / "model", hidden=64, layers=2))
+        elif args.model == "smollm2":
+            from gist_backend.engine.model import smollm2_gguf
+
+            model = str(smollm2_gguf())
+        else:
+            model = args.model
+        pool, val = make_toy_data(work / "data", n_train=args.pool_size, n_val=args.val_size)
+        rows, out = [], {"bench": "compute_cost", "machine": machine(), "options": vars(args)}
+        for methods in (["gist"], ["gist", "less"]):
+            config = ComputeConfig(model=model, train=[str(pool)], val=[str(val)], methods=methods, warmup_epochs=args.warmup_epochs,
+                                   warmup_batch=8, max_len=args.max_len, less_dim=1024)  # fmt: skip
+            t0 = time.perf_counter()
+            run = open_run(compute(config, work / "-".join(methods)))
+            wall = time.perf_counter() - t0
+            timings = run.manifest["timings"]
+            name = ",".join(methods)
+            out[name] = {"wall_s": wall, "timings": timings, "gradient_passes": run.manifest["gradient_passes"]}
+            rows.append([name, run.manifest["gradient_passes"], f"{wall:.1f}", f"{timings.get('warmup', 0):.1f}", f"{timings.get('pool', 0):.1f}"])
+        print(table(rows, ["methods", "pool passes", "wall s", "warmup s", "pool passes s"]))
+        gist, both = out["gist"], out["gist,less"]
+        headline = {"compute_gist_vs_gist_less": gist["wall_s"] / both["wall_s"],
+                    "compute_pool_pass_gist_vs_gist_less": gist["timings"]["pool"] / both["timings"]["pool"],
+                    "compute_gist_gradient_passes": gist["gradient_passes"]}  # fmt: skip
+        out["headline"] = headline
+        if args.json:
+            write_json(args.json, out)
+        print(result_lines(headline))
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
