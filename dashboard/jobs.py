@@ -21,7 +21,7 @@ from gist_backend.config import ComputeConfig
 
 # kind → progress file (relative to the run folder); each command writes {"stage", "done", "total", "rate", "eta_s",
 # "updated", and "status" once it ends}.
-KINDS = {"compute": "progress.json", "evaluate": "evals/progress.json", "add-target": "add-target.progress.json"}
+KINDS = {"compute": "progress.json", "evaluate": "evals/progress.json", "add-target": "add-target.progress.json", "map": "maps/progress.json"}
 
 # Popen handles of the jobs this server started, so finished children are reaped, not left as zombies.
 _CHILDREN: dict[int, subprocess.Popen] = {}

@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 
 from .config import G2IS_ORIENTATIONS, METHODS, RECIPES, ComputeConfig
 
-RESUMABLE = ("compute", "demo", "evaluate")  # commands whose interruption leaves work that the same command resumes
+RESUMABLE = ("compute", "demo", "evaluate", "map")  # commands whose interruption leaves work that the same command resumes
 
 
 def _budget(text: str) -> int | float | str:
@@ -87,6 +87,7 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="run directory (e.g. cache/my-run)")
     p.add_argument("--dump-full-grads", default=None, metavar="DIR", help="also write full gradients and examples (small d only)")
     p.add_argument("--overwrite", action="store_true", help="recompute from scratch; the old run stays readable until the new one is complete")
+    p.add_argument("--no-map", action="store_true", help="do not start the Map view's UMAP in the background when the run is complete")
     if recipe:
         p.set_defaults(**RECIPES[recipe])
 
@@ -131,6 +132,10 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result here")
+
+    p = sub.add_parser("map", help="compute (and cache) the UMAP map of a run's coordinates at a rank, for the Map view")
+    _add_run(p)
+    p.add_argument("--rank", type=int, default=None, help="subspace rank (default k_max)")
 
     p = sub.add_parser("info", help="summary of a run: spectrum, coupling, stores, top examples (--json for scripts)")
     _add_run(p)

@@ -18,7 +18,37 @@ def cmd_compute(args: argparse.Namespace) -> None:
     from .compute import compute
 
     run_dir = compute(config_from_args(args), args.run_dir, dump_full_grads=args.dump_full_grads, overwrite=args.overwrite)
+    if not args.no_map and os.environ.get("GIST_MAP_AFTER_COMPUTE", "1") != "0":
+        start_map(run_dir)
     print(f"run complete: {run_dir}\nnext: gist-curate info --run-dir {run_dir}")
+
+
+def start_map(run_dir: Path) -> None:
+    """Compute the Map view's UMAP (rank k_max) in a background process, so the first visit to the Map finds it ready."""
+    log = open(Path(run_dir) / "map.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "gist_backend.cli", "map", "--run-dir", str(run_dir)], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    (Path(run_dir) / "map.pid").write_text(str(proc.pid))
+    print(f"computing the Map view's UMAP in the background (pid {proc.pid}; log {Path(run_dir) / 'map.log'})")
+
+
+def cmd_map(args: argparse.Namespace) -> None:
+    from .compute import Progress
+    from .curation.maps import umap_map
+    from .runs.lock import run_lock
+    from .runs.store import open_run
+
+    run = open_run(args.run_dir, args.target)
+    progress = Progress(run.path / "maps", file="progress.json")
+    with run_lock(run.path, "maps", "gist-curate map"):
+        progress("UMAP map", 0, 1, force=True)
+        try:
+            umap_map(run, args.rank or run.k_max)
+        except BaseException as err:
+            progress.finish("cancelled" if isinstance(err, KeyboardInterrupt) else "failed", f"{type(err).__name__}: {err}")
+            raise
+        progress.finish("complete", None)
+    print(f"map of {run.path} (target {run.target}) at rank {args.rank or run.k_max} cached in {run.path / 'maps'}")
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
@@ -173,6 +203,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .devkit.demo import run_demo
 
     run_dir = run_demo(Path(args.run_dir), pool_size=args.pool_size, methods=args.methods)
+    from .curation.maps import cached_map
+    from .runs.store import open_run
+
+    run = open_run(run_dir)
+    if cached_map(run, run.k_max) is None:
+        start_map(run_dir)
     cmd_info(argparse.Namespace(run_dir=str(run_dir), target=None, rank=None, top=10, json=False))
     if not args.no_serve:
         raise SystemExit(serve(str(run_dir), args.port))
@@ -180,5 +216,5 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "compute": cmd_compute, "scores": cmd_scores, "select": cmd_select, "edit": cmd_edit,
-    "compare": cmd_compare, "evaluate": cmd_evaluate, "info": cmd_info, "demo": cmd_demo, "serve": cmd_serve,
+    "compare": cmd_compare, "evaluate": cmd_evaluate, "map": cmd_map, "info": cmd_info, "demo": cmd_demo, "serve": cmd_serve,
 }  # fmt: skip

@@ -9,6 +9,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GIST_MAP_AFTER_COMPUTE", "0")  # tests compute many runs: no background UMAP after each (tested on its own)
 torch.set_num_threads(1)
 
 

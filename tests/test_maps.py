@@ -86,3 +86,27 @@ def test_exact_knn():
     np.testing.assert_array_equal(idx, np.argsort(-sims, axis=1, kind="stable")[:, :4])
     np.testing.assert_allclose(dist, 1 - np.take_along_axis(sims, idx, axis=1), atol=1e-6)
     assert (idx[:, 0] == np.arange(50)).all()
+
+
+@pytest.mark.slow
+def test_compute_starts_the_map_in_the_background(tiny_llama, toy_data, tmp_path, monkeypatch):
+    """After `gist-curate compute` the Map view's UMAP is computed by a background process and cached (progress in maps/)."""
+    import json
+    import time
+
+    from gist_backend.cli import main as cli_main
+    from gist_backend.curation.maps import cached_map
+
+    monkeypatch.setenv("GIST_MAP_AFTER_COMPUTE", "1")
+    pool, val = toy_data
+    run_dir = tmp_path / "run"
+    cli_main(["compute", "--model", str(tiny_llama), "--train", str(pool), "--val", str(val), "--run-dir", str(run_dir), "--k-max", "6",
+              "--warmup-epochs", "1", "--warmup-fraction", "0.2", "--warmup-batch", "4", "--max-len", "64"])  # fmt: skip
+    assert (run_dir / "map.pid").exists()
+    deadline = time.time() + 300
+    while (json.loads((run_dir / "maps" / "progress.json").read_text()).get("status") if (run_dir / "maps" / "progress.json").exists() else None) is None:
+        assert time.time() < deadline, (run_dir / "map.log").read_text()[-2000:]
+        time.sleep(1)
+    assert json.loads((run_dir / "maps" / "progress.json").read_text())["status"] == "complete"
+    run = open_run(run_dir)
+    assert cached_map(run, run.k_max)["train_xy"].shape == (run.train.height, 2)
