@@ -35,6 +35,7 @@ def compute_config(args, files: dict):
         model=model, train=[str(files["pool"])], val=[str(files["val"])], target=args.target, max_len=args.max_len,
         warmup_fraction=0.05, warmup_epochs=args.warmup_epochs, warmup_lr=1e-4, warmup_batch=8, k_max=128,
         methods=["gist", "less", "g2is"], less_dim=8192, seed=args.seed, dtype=args.dtype, device=args.device, max_tokens=4096,
+        reusable=True, sketch_dim=16384,  # the target-independent sketch serves bench/add_target.py (fidelity at P ≤ 16384)
     )  # fmt: skip
 
 

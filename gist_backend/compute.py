@@ -153,6 +153,9 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
         if existing.get("status") == "complete" and dump_dir is None:
             if main:
                 print(f"{run_dir}: already complete")
+                if config.reusable and not existing.get("reusable"):
+                    print("warning: it was computed without --reusable, so it has no pool sketch for add-target; "
+                          "recompute with --overwrite --reusable to add one")  # fmt: skip
             return
     progress = Progress(run_dir, enabled=main)
     timings = manifest.setdefault("timings", {})
@@ -223,6 +226,7 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
             t0 = time.perf_counter()
             progress("merging", 0, 1, force=True)
             manifest["warnings"] = degenerate_subspace_warnings(len(prepared.val), config.k_max)
+            manifest["reusable"] = {"dim": config.sketch_dim, "seed": config.seed} if config.reusable else None
             merge(run_dir, manifest, prepared, checkpoints, chosen, target, config.val, fingerprints["val"], config.shard_size)
             timings["merge"] = round(time.perf_counter() - t0, 3)
             write_manifest(run_dir / "manifest.json", manifest)

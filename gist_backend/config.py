@@ -46,7 +46,8 @@ def _opt(default, help: str, execution: bool = False, **kw):
 
 @dataclass
 class ComputeConfig:
-    """Everything that defines a run. Fields marked ``execution`` never change the numbers (beyond float rounding)."""
+    """Everything that defines a run. Fields marked ``execution`` never change the numbers (beyond float rounding); they
+    are left out of the result hash, so a run can be resumed with other ones."""
 
     model: str = _opt(MISSING, "Hugging Face hub id, local model folder, or .gguf file")
     train: list[str] = _opt(MISSING, "pool file(s): JSONL, JSON, Parquet, or a saved HF dataset folder (folder:split)")
@@ -68,6 +69,9 @@ class ComputeConfig:
     gist_checkpoints: str = _opt("final", "GIST at the final warmup checkpoint (as published) or at all (an lr-weighted ensemble)",
                                  choices=GIST_CHECKPOINTS)  # fmt: skip
     less_dim: int = _opt(8192, "random projection size of the LESS/G2IS sketches")
+    reusable: bool = _opt(False, "also keep a target-independent sketch of every pool gradient (sketch_dim × 2 bytes per example), so "
+                                 "`gist-curate add-target` adds targets without another pass over the pool", execution=True)
+    sketch_dim: int = _opt(8192, "size of the reusable sketch (--reusable)", execution=True)
     seed: int = _opt(0, "seed of the warmup subset, LoRA init, projection and shuffling")
     dtype: str = _opt("auto", "weights and autocast: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16",
                       choices=("auto", "float32", "bfloat16"))  # fmt: skip
@@ -111,7 +115,8 @@ class ComputeConfig:
             out.append(f"Methods must include gist and be among {', '.join(COMPUTE_METHODS)}; got {', '.join(self.methods) or 'none'}.")
         if self.gist_checkpoints not in GIST_CHECKPOINTS:
             out.append(f"gist_checkpoints must be one of {', '.join(GIST_CHECKPOINTS)}.")
-        for name in ("max_len", "lora_rank", "lora_alpha", "warmup_epochs", "warmup_batch", "k_max", "less_dim", "max_tokens", "max_batch", "shard_size"):
+        for name in ("max_len", "lora_rank", "lora_alpha", "warmup_epochs", "warmup_batch", "k_max", "less_dim", "sketch_dim", "max_tokens", "max_batch",
+                     "shard_size"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 out.append(f"{name} must be at least 1.")
         if not 0 < self.warmup_fraction <= 1:
@@ -133,8 +138,8 @@ class ComputeConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             flag = "--" + f.name.replace("_", "-")
-            if f.name == "warmup":
-                argv += [] if value else ["--no-warmup"]
+            if isinstance(value, bool):
+                argv += ([] if value else ["--no-" + f.name.replace("_", "-")]) if f.default is True else ([flag] if value else [])
             elif f.name in ("train", "val"):
                 argv += [flag, *value]
             elif isinstance(value, list):

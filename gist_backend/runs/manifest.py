@@ -58,7 +58,7 @@ def expected_files(manifest: dict) -> list[str]:
     if manifest.get("version") == 1:
         names = ["train.parquet", "val.parquet", "train_coords.npy", "val_coords.npy", "geometry.json", "coupling.safetensors"]
         return names + (["sketches/train.npy", "sketches/val.npy", "less_scores.npy", "less_task_scores.npy"] if sketches else [])
-    names = ["train.parquet", "grad_norms.npy"] + (["sketches/train.npy"] if sketches else [])
+    names = ["train.parquet", "grad_norms.npy"] + (["sketches/train.npy"] if sketches else []) + (["sketches/gist.npy"] if manifest.get("reusable") else [])
     for target in manifest.get("targets") or []:
         names += target_files(target["name"], sketches)
     return names
@@ -84,7 +84,7 @@ def record_file(manifest: dict, run_dir: Path, name: str) -> None:
 
 
 _SHAPES = {"config": dict, "methods": list, "checkpoints": list, "timings": dict, "fingerprints": dict, "targets": list,
-           "gist": dict, "less": dict, "files": dict}  # fmt: skip
+           "gist": dict, "less": dict, "files": dict, "reusable": dict}  # fmt: skip
 
 
 def read_manifest(run_dir: str | Path) -> dict:

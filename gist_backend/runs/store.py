@@ -8,6 +8,7 @@ A run is a folder (default ``cache/<run-id>/``) that reopens without the model. 
     bad_records.jsonl             {"split", "file", "line", "reason"} per skipped record
     grad_norms.npy                (G, N) float32: ‖g_i‖ of the whole LoRA gradient at each GIST checkpoint
     sketches/train.npy            (L, N, p) float16: Adam-preconditioned, projected gradients at each LESS checkpoint
+    sketches/gist.npy             (G, N, P) float16: S g_i, projected SGD gradients at each GIST checkpoint (--reusable only)
     targets/<t>/val.parquet       the target's validation records (task = sub-task), same columns as train
     targets/<t>/gist_unit.npy     (G, N, k) float16: unit GIST coordinates z_i / ‖z_i‖, z_i = Vᵀ g_i
     targets/<t>/gist_norm.npy     (G, N) float32: ‖z_i‖
@@ -96,6 +97,15 @@ def write_target(run_dir: Path, manifest: dict, target: TargetData) -> None:
     manifest["targets"] = targets + [entry]
 
 
+def _place(destination: Path, array: np.ndarray | Path) -> None:
+    """Move a finished ``.npy`` into place, or write an array there (float16)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(array, Path):
+        os.replace(array, destination)
+    else:
+        write_npy(destination, np.asarray(array, dtype=np.float16))
+
+
 def write_run(
     run_dir: str | Path,
     manifest: dict,
@@ -104,12 +114,13 @@ def write_run(
     targets: list[TargetData],
     grad_norms: np.ndarray,
     train_sketch: np.ndarray | Path | None = None,
+    gist_sketch: np.ndarray | Path | None = None,
 ) -> Path:
     """Write every artefact of a finished run, record sizes and checksums, and save the manifest as complete.
 
-    ``manifest`` must already hold the run's description (config, methods, gist/less checkpoints and weights);
-    ``train_sketch`` may be an array or a finished ``.npy`` file, which is moved into place (large sketches are
-    built on disk). Returns the run directory.
+    ``manifest`` must already hold the run's description (config, methods, gist/less checkpoints and weights, and
+    ``reusable`` when ``gist_sketch`` is given); the sketches may be arrays or finished ``.npy`` files, which are moved
+    into place (large sketches are built on disk). Returns the run directory.
     """
     run_dir = Path(run_dir)
     missing = [t.name for t in targets if has_sketches(manifest) and t.less_scores is None]
@@ -119,14 +130,12 @@ def write_run(
     write_parquet(run_dir / "train.parquet", train.select(TABLE_COLUMNS))
     write_npy(run_dir / "grad_norms.npy", np.asarray(grad_norms, dtype=np.float32))
     names = ["train.parquet", "grad_norms.npy"]
-    if has_sketches(manifest):
-        destination = run_dir / "sketches" / "train.npy"
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(train_sketch, Path):
-            os.replace(train_sketch, destination)
-        else:
-            write_npy(destination, np.asarray(train_sketch, dtype=np.float16))
-        names.append("sketches/train.npy")
+    if bool(manifest.get("reusable")) != (gist_sketch is not None):
+        raise ValueError("a reusable run needs its pool sketch, and only a reusable run has one")
+    for name, sketch in (("sketches/train.npy", train_sketch if has_sketches(manifest) else None), ("sketches/gist.npy", gist_sketch)):
+        if sketch is not None:
+            _place(run_dir / name, sketch)
+            names.append(name)
     for name in names:
         record_file(manifest, run_dir, name)
     for target in targets:
@@ -267,7 +276,7 @@ def open_run(run_dir: str | Path, target: str | None = None) -> Run:
     weights = _weights((manifest.get("gist") or {}).get("weights"), g, run_dir)
     paths = {"geometry": base / "geometry.json", "coupling": base / "coupling.safetensors", "less_scores": base / "less_scores.npy",
              "less_task_scores": base / "less_task_scores.npy", "val_sketch": base / "val_sketch.npy",
-             "train_sketch": run_dir / "sketches" / "train.npy"}  # fmt: skip
+             "train_sketch": run_dir / "sketches" / "train.npy", "gist_sketch": run_dir / "sketches" / "gist.npy"}  # fmt: skip
     return Run(run_dir, manifest, target, train, val, unit, norms, val_coords, weights, grad_norms, paths)
 
 

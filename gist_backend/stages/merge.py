@@ -14,6 +14,19 @@ from .passes import shard_path, validation_file
 from .prepare import Prepared
 
 
+def _gather_sketches(run_dir: Path, key: str, ckpts: list[int], n: int, shard_size: int, name: str) -> Path:
+    """One sketch array of every listed checkpoint, (C, N, p) float16, built on disk (it can be large)."""
+    path = run_dir / "sketches" / f".{name}.npy.tmp"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    p = read_tensors(shard_path(run_dir / f"ckpt-{ckpts[0]}", 0))[key].shape[1]
+    sketches = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(ckpts), n, p))
+    for j, c in enumerate(ckpts):
+        _gather(run_dir / f"ckpt-{c}", key, n, shard_size, p, np.float16, out=sketches[j])
+    sketches.flush()
+    del sketches
+    return path
+
+
 def _gather(ckpt_dir: Path, key: str, n: int, shard_size: int, width: int | None, dtype, out: np.ndarray | None = None) -> np.ndarray:
     """One array of the pool pass, concatenated over the shards of a checkpoint."""
     out = np.empty((n,) if width is None else (n, width), dtype) if out is None else out
@@ -35,17 +48,13 @@ def merge(run_dir: Path, manifest: dict, prepared: Prepared, checkpoints: list[C
     coupling = read_tensors(run_dir / f"ckpt-{plan.gist[-1]}" / f"coupling-{target}.safetensors")
     sketch_path, val_sketch, scores, per_task = None, None, None, None
     if plan.less:
-        sketch_path = run_dir / "sketches" / ".train.npy.tmp"
-        sketch_path.parent.mkdir(parents=True, exist_ok=True)
-        p = read_tensors(validation_file(run_dir / f"ckpt-{plan.less[0]}", target))["val_sketch"].shape[1]
-        sketches = np.lib.format.open_memmap(sketch_path, mode="w+", dtype=np.float16, shape=(len(plan.less), n, p))
-        for j, c in enumerate(plan.less):
-            _gather(run_dir / f"ckpt-{c}", "sketch", n, shard_size, p, np.float16, out=sketches[j])
-        sketches.flush()
+        sketch_path = _gather_sketches(run_dir, "sketch", plan.less, n, shard_size, "train")
+        sketches = np.load(sketch_path, mmap_mode="r")
         val_sketch = np.stack([read_tensors(validation_file(run_dir / f"ckpt-{c}", target))["val_sketch"] for c in plan.less])
         result, _, per_task = less_scores(list(sketches), list(val_sketch), tasks, plan.less_weights)
         scores, per_task = result.numpy(), per_task.numpy()
         del sketches
+    pool_sketch = _gather_sketches(run_dir, "pool_sketch", plan.gist, n, shard_size, "gist") if manifest.get("reusable") else None
     data = TargetData(
         name=target, val=prepared.val_table, files=list(val_files), fingerprints=val_fingerprints,
         train_coords=train_coords, val_coords=np.stack([s["val_coords"][:, :k] for s in subspaces]), geometry=geometry,
@@ -54,4 +63,5 @@ def merge(run_dir: Path, manifest: dict, prepared: Prepared, checkpoints: list[C
     manifest["gist"] = {"checkpoints": [checkpoints[c].name for c in plan.gist], "weights": plan.gist_weights}
     if plan.less:
         manifest["less"] = {"checkpoints": [checkpoints[c].name for c in plan.less], "weights": plan.less_weights, "dim": int(val_sketch.shape[-1])}
-    return write_run(run_dir, manifest, train=prepared.train_table, targets=[data], grad_norms=grad_norms, train_sketch=sketch_path)
+    return write_run(run_dir, manifest, train=prepared.train_table, targets=[data], grad_norms=grad_norms, train_sketch=sketch_path,
+                     gist_sketch=pool_sketch)  # fmt: skip

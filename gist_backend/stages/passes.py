@@ -2,8 +2,8 @@
 
 ``validation_pass``: the target's validation gradients G (m × d; on disk beyond the memory budget) → the GIST
 subspace, spectrum and coupling (at GIST checkpoints) and the projected validation sketch (at LESS checkpoints).
-``pool_pass``: the pool's gradients in resumable shards → GIST coordinates Vᵀg and ‖g‖ (GIST checkpoints) and the
-Adam-preconditioned projected sketch (LESS checkpoints). Each file is written last in its stage, so its presence
+``pool_pass``: the pool's gradients in resumable shards → GIST coordinates Vᵀg and ‖g‖ (GIST checkpoints; with
+``--reusable`` also the target-independent sketch S g) and the Adam-preconditioned projected sketch (LESS checkpoints). Each file is written last in its stage, so its presence
 marks the stage finished; a damaged or mismatched file is recomputed. Under torchrun, process r takes shards
 r, r + world, …: every shard is computed exactly as in a single process, so merging gives the same run.
 """
@@ -96,9 +96,12 @@ def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpo
     if gist:
         projector = Projector(read_tensors(validation_file(ckpt_dir, target))["basis"], device, BASIS_DTYPES[config.basis_dtype],
                               int(config.basis_memory_gb * 2**30))  # fmt: skip
+    from ..methods.projection import make_projection, project
+
+    reusable = gist and config.reusable  # the target-independent sketch S g of SGD gradients, for add-target
+    pool_proj = make_projection(d, config.sketch_dim, config.seed) if reusable else None
     if sketch:
         from ..methods.adam import adam_precondition
-        from ..methods.projection import make_projection, project
 
         exp_avg, exp_avg_sq, beta1, beta2 = adam_state(checkpoint, model)
         exp_avg, exp_avg_sq = exp_avg.to(device), exp_avg_sq.to(device)
@@ -114,9 +117,11 @@ def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpo
             expected.update(coords=(len(shard), projector.k), grad_norm=(len(shard),))
         if sketch:
             expected["sketch"] = (len(shard), config.less_dim)
+        if reusable:
+            expected["pool_sketch"] = (len(shard), config.sketch_dim)
         if dump is None and tensors_complete(shard_path(ckpt_dir, s), expected):
             continue  # finished earlier (a damaged or mismatched shard is recomputed)
-        out = {name: np.empty(shape, np.float16 if name == "sketch" else np.float32) for name, shape in expected.items()}
+        out = {name: np.empty(shape, np.float16 if name.endswith("sketch") else np.float32) for name, shape in expected.items()}
         for indices, grads, losses in iter_gradients(
             model, shard, pad_id, device=device, max_tokens=config.max_tokens, max_batch=batch_limit(config, d), autocast_dtype=autocast,
             desc=f"pool grads {ckpt_dir.name} shard {s + 1}/{len(starts)}",
@@ -128,6 +133,8 @@ def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpo
                 out["grad_norm"][indices] = grads.double().norm(dim=1).float().cpu().numpy()
             if sketch:
                 out["sketch"][indices] = project(proj, adam_precondition(grads, exp_avg, exp_avg_sq, beta1, beta2)).cpu().numpy()
+            if reusable:
+                out["pool_sketch"][indices] = project(pool_proj, grads).cpu().numpy()
             if dump is not None:
                 dump[[start + i for i in indices]] = grads.cpu().numpy()
         write_tensors(shard_path(ckpt_dir, s), out)
