@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields
 
 from .config import G2IS_ORIENTATIONS, METHODS, RECIPES, ComputeConfig
 
-RESUMABLE = ("compute", "demo", "evaluate", "map")  # commands whose interruption leaves work that the same command resumes
+RESUMABLE = ("compute", "demo", "evaluate", "map", "add-target")  # commands whose interruption leaves work that the same command resumes
 
 
 def _budget(text: str) -> int | float | str:
@@ -133,6 +133,13 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result here")
+
+    p = sub.add_parser("add-target", help="add a target to a --reusable run without another pass over the pool (resumable)")
+    p.add_argument("--run-dir", required=True, help="a finished run computed with --reusable")
+    p.add_argument("--val", required=True, nargs="+", help="the new target's validation file(s); an optional 'task' field names sub-tasks")
+    p.add_argument("--name", required=True, help="the target's name (letters, digits, '.', '_', '-')")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per gradient batch (default: the run's)")
 
     p = sub.add_parser("map", help="compute (and cache) the UMAP map of a run's coordinates at a rank, for the Map view")
     _add_run(p)

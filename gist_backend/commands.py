@@ -32,6 +32,20 @@ def start_map(run_dir: Path) -> None:
     print(f"computing the Map view's UMAP in the background (pid {proc.pid}; log {Path(run_dir) / 'map.log'})")
 
 
+def cmd_add_target(args: argparse.Namespace) -> None:
+    from .compute import Progress
+    from .targets import add_target
+
+    progress = Progress(Path(args.run_dir), file="add-target.progress.json")
+    try:
+        run_dir = add_target(args.run_dir, list(args.val), args.name, device=args.device, max_tokens=args.max_tokens, progress=progress)
+    except BaseException as err:
+        progress.finish("cancelled" if isinstance(err, KeyboardInterrupt) else "failed", f"{type(err).__name__}: {err}")
+        raise
+    progress.finish("complete", None)
+    print(f"target {args.name!r} added to {run_dir}\nnext: gist-curate info --run-dir {run_dir} --target {args.name}")
+
+
 def cmd_map(args: argparse.Namespace) -> None:
     from .compute import Progress
     from .curation.maps import umap_map
@@ -216,5 +230,5 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "compute": cmd_compute, "scores": cmd_scores, "select": cmd_select, "edit": cmd_edit,
-    "compare": cmd_compare, "evaluate": cmd_evaluate, "map": cmd_map, "info": cmd_info, "demo": cmd_demo, "serve": cmd_serve,
+    "compare": cmd_compare, "evaluate": cmd_evaluate, "map": cmd_map, "add-target": cmd_add_target, "info": cmd_info, "demo": cmd_demo, "serve": cmd_serve,
 }  # fmt: skip

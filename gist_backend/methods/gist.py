@@ -36,11 +36,8 @@ def gram(val_grads: np.ndarray | torch.Tensor, block: int = 1 << 20) -> torch.Te
     return k
 
 
-def fit_subspace(
-    val_grads: np.ndarray | torch.Tensor, k_max: int = 128, block: int = 1 << 20
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (all singular values (m,), V (d, k), val_coords (m, k)) for the top k ≤ k_max directions of G."""
-    m, d = val_grads.shape
+def eig_subspace(val_grads: np.ndarray | torch.Tensor, k_max: int = 128, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(all singular values (m,) float64, validation coordinates Z = U_k Σ_k (m, k) float32) from the Gram matrix of G."""
     k_mat = gram(val_grads, block)
     eigvals, eigvecs = torch.linalg.eigh(k_mat)
     order = torch.argsort(eigvals, descending=True)
@@ -50,15 +47,33 @@ def fit_subspace(
     if keep == 0:
         raise ValueError("all validation gradients are zero: check that the validation records have response tokens")
     k = min(k_max, keep)
-    sigma, u_k = sigma_all[:k], eigvecs[:, :k]
-    # V = Gᵀ U_k Σ_k⁻¹, one column block of G at a time.
+    return sigma_all.numpy(), (eigvecs[:, :k] * sigma_all[:k]).to(torch.float32).numpy()
+
+
+def fit_subspace(
+    val_grads: np.ndarray | torch.Tensor, k_max: int = 128, block: int = 1 << 20
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (all singular values (m,), V (d, k), val_coords (m, k)) for the top k ≤ k_max directions of G."""
+    d = val_grads.shape[1]
+    sigma_all, val_coords = eig_subspace(val_grads, k_max, block)
+    k = val_coords.shape[1]
+    # V = Gᵀ U_k Σ_k⁻¹ = Gᵀ Z Σ_k⁻², one column block of G at a time.
+    scale = torch.as_tensor(val_coords, dtype=torch.float64) / torch.as_tensor(sigma_all[:k] ** 2)
     basis = np.empty((d, k), dtype=np.float32)
-    scale = u_k / sigma
     for start in range(0, d, block):
         cols = torch.as_tensor(np.asarray(val_grads[:, start : start + block])).to(torch.float64)
         basis[start : start + cols.shape[1]] = (cols.T @ scale).to(torch.float32).numpy()
-    val_coords = (u_k * sigma).to(torch.float32).numpy()
-    return sigma_all.numpy(), basis, val_coords
+    return sigma_all, basis, val_coords
+
+
+def sketched_basis(val_sketch: np.ndarray, val_coords: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """W = (S G)ᵀ Z Σ⁻² (P × k): pool coordinates from sketches, z_i ≈ Wᵀ (S g_i), since ⟨S g, S h⟩ ≈ ⟨g, h⟩.
+
+    Exact GIST has z_i = Vᵀ g_i = Σ⁻¹ Uᵀ G g_i; a seeded SRHT S keeps inner products, so G g_i ≈ (S G)(S g_i).
+    """
+    k = val_coords.shape[1]
+    scale = np.asarray(val_coords, dtype=np.float64) / (np.asarray(sigma[:k], dtype=np.float64) ** 2)
+    return (np.asarray(val_sketch, dtype=np.float64).T @ scale).astype(np.float32)
 
 
 class Projector:

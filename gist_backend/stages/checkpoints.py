@@ -108,6 +108,24 @@ def checkpoints_for(config: ComputeConfig, model, train_ex: list, pad_id: int, r
     return [Checkpoint(f"epoch-{e['epoch']}", str(Path(e["dir"]) / "adapter"), str(Path(e["dir"]) / "optimizer.safetensors"), e["mean_lr"]) for e in epochs]
 
 
+def stored_checkpoints(run_dir: Path, manifest: dict) -> list[Checkpoint]:
+    """The checkpoints a finished run was computed at, from its manifest and warmup folder."""
+    config = manifest.get("config") or {}
+    out = []
+    for entry in manifest.get("checkpoints") or []:
+        name = entry["name"]
+        if name == "adapter":
+            folder = Path(config["adapter"])
+            optimizer = next((p for p in (folder / "optimizer.safetensors", folder / "optimizer.pt") if p.exists()), None)
+            out.append(Checkpoint(name, str(folder), str(optimizer) if optimizer else None, float(entry.get("lr", 1.0))))
+        elif name == "init":
+            out.append(Checkpoint(name, str(run_dir / "warmup" / "init" / "adapter"), None, 1.0))
+        else:
+            folder = run_dir / "warmup" / name
+            out.append(Checkpoint(name, str(folder / "adapter"), str(folder / "optimizer.safetensors"), float(entry.get("lr", 1.0))))
+    return out
+
+
 def adam_state(checkpoint: Checkpoint, model) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """The checkpoint's Adam moments, flattened in the gradient order, and betas (LESS/G2IS features need them)."""
     from ..engine.grads import lora_factors

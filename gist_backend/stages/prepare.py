@@ -89,6 +89,16 @@ def prepare(train_files: Sequence[str], val_files: Sequence[str], tokenizer, max
     return Prepared(train_ex, val_ex, example_table(train_records, train_ex), example_table(val_records, val_ex), bad, renamed + val_renamed)
 
 
+def prepare_targets(val_files: Sequence[str], tokenizer, max_len: int) -> tuple[list[TokenizedExample], pl.DataFrame, list[dict]]:
+    """One more target's validation records, tokenised: (examples, table, bad rows); DataError when none is usable."""
+    records, bad, _ = load_split(val_files, "val", set())
+    examples, tok_bad = tokenize_records(records, tokenizer, max_len)
+    bad += [{"split": "val", "file": b.file, "line": b.line, "reason": b.reason} for b in tok_bad]
+    if not examples:
+        raise DataError(f"no usable validation example in {', '.join(val_files)} after tokenisation")
+    return examples, example_table(records, examples), bad
+
+
 def write_bad_records(path: Path, bad: list[dict]) -> None:
     """The skipped-record report, one JSON object per line."""
     with atomic_path(path) as tmp:

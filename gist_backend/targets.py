@@ -1,0 +1,168 @@
+"""Add a target to a finished run without another pass over the pool (`gist-curate add-target`).
+
+GIST needs only inner products between pool and validation gradients: z_i = Vᵀ g_i = Σ⁻¹ Uᵀ G g_i, with G the
+target's validation gradients. A run computed with ``--reusable`` keeps S g_i, a seeded SRHT sketch of every
+pool gradient at its GIST checkpoints, and an SRHT keeps inner products (⟨S g, S h⟩ ≈ ⟨g, h⟩). A new target
+then needs only
+  1. its validation gradients at the run's saved adapters (m examples: seconds to minutes, not hours);
+  2. its subspace from their Gram matrix (exact), with its spectrum and coupling (exact);
+  3. the pool's coordinates z_i ≈ Wᵀ (S g_i), W = (S G)ᵀ U Σ⁻¹ (methods/gist.py ``sketched_basis``), no model.
+LESS for the new target is exact: its pool sketches do not depend on the target. Validation work is kept per
+checkpoint in ``targets/.<name>.work/`` (resumable); the target is listed in the manifest only when all its
+artefacts are written, under the run's "run" lock.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ComputeConfig
+from .engine.device import resolve_device, resolve_dtypes
+from .engine.grads import iter_gradients, lora_factors
+from .engine.records import fingerprint
+from .methods import geometry
+from .methods.gist import eig_subspace, sketched_basis
+from .methods.projection import make_projection, project
+from .runs.files import RunError, read_json, read_npy, read_tensors, tensors_complete, write_json, write_tensors
+from .runs.lock import run_lock
+from .runs.manifest import check_target_name, read_manifest, write_manifest
+from .runs.store import TargetData, open_run, write_target
+from .stages.checkpoints import Checkpoint, load_adapter_weights, stored_checkpoints
+from .stages.prepare import prepare_targets
+
+
+def run_config(manifest: dict) -> ComputeConfig:
+    """The ComputeConfig a run was computed with, from its manifest."""
+    stored = manifest.get("config") or {}
+    return ComputeConfig(**{f.name: stored[f.name] for f in fields(ComputeConfig) if f.name in stored})
+
+
+def _validation(config: ComputeConfig, model, examples: list, pad_id: int, path: Path, *, gist: bool, less: bool, device, autocast,
+                reusable: dict, progress) -> None:  # fmt: skip
+    """One checkpoint's validation gradients → subspace, geometry and sketches of the new target (no d × k basis)."""
+    factors = lora_factors(model)
+    d = sum(m.weight.numel() for _, m in factors)
+    grads = np.empty((len(examples), d), np.float32)
+    for indices, batch, _ in iter_gradients(model, examples, pad_id, device=device, max_tokens=config.max_tokens, max_batch=config.max_batch,
+                                            autocast_dtype=autocast, desc=f"val grads {path.stem}",
+                                            progress=lambda done, total, rate: progress(f"validation gradients ({path.stem})", done, total, rate)):  # fmt: skip
+        grads[indices] = batch.cpu().numpy()
+    tensors: dict[str, np.ndarray] = {}
+    blocks: dict[str, np.ndarray] = {}
+    if gist:
+        sigma_all, val_coords = eig_subspace(grads, config.k_max)
+        tensors.update(sigma=sigma_all.astype(np.float32), val_coords=val_coords,
+                       val_pool_sketch=_sketch(grads, make_projection(d, reusable["dim"], reusable.get("seed", config.seed))))  # fmt: skip
+        summary, blocks = geometry.coupling(grads, geometry.module_slices([n for n, _ in factors], [m.weight.numel() for _, m in factors]))
+        blocks["gist_block"] = geometry.normalised_block(val_coords[:, : geometry.MAX_BLOCK]).astype(np.float32)
+        write_json(path.with_suffix(".json"), {"spectrum": geometry.spectrum(sigma_all), **summary})
+        write_tensors(path.with_name(path.stem + "-coupling.safetensors"), blocks)
+    if less:
+        tensors["val_sketch"] = _sketch(grads, make_projection(d, config.less_dim, config.seed)).astype(np.float16)
+    write_tensors(path, tensors)  # last: marks this checkpoint finished
+
+
+def _sketch(grads: np.ndarray, proj) -> np.ndarray:
+    return np.concatenate([project(proj, torch.from_numpy(grads[s : s + 256])).numpy() for s in range(0, grads.shape[0], 256)])
+
+
+def pool_coordinates(pool_sketch: np.ndarray, val_pool_sketch: np.ndarray, val_coords: np.ndarray, sigma: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """(N, k) GIST coordinates of the pool from its sketches: z_i ≈ Wᵀ (S g_i)."""
+    w = sketched_basis(val_pool_sketch, val_coords, sigma)
+    out = np.empty((pool_sketch.shape[0], w.shape[1]), np.float32)
+    for start in range(0, pool_sketch.shape[0], block):
+        out[start : start + block] = np.asarray(pool_sketch[start : start + block], dtype=np.float32) @ w
+    return out
+
+
+def add_target(run_dir: str | Path, val_files: list[str], name: str, *, device: str = "auto", max_tokens: int | None = None,
+               progress: Callable = lambda *a, **k: None) -> Path:  # fmt: skip
+    """Add target ``name`` (validation records in ``val_files``) to a finished ``--reusable`` run; returns the run folder."""
+    run = open_run(run_dir)
+    check_target_name(name)
+    if name in run.targets:
+        raise ValueError(f"{run.path} already has a target {name!r}; choose another --name")
+    reusable = run.manifest.get("reusable")
+    if not reusable:
+        raise RunError(f"{run.path} was computed without --reusable, so it keeps no sketch of the pool's gradients to add a target from. "
+                       f"Recompute it with `gist-curate compute … --reusable` (or compute a new run for {name!r}).")  # fmt: skip
+    t0 = time.perf_counter()
+    with run_lock(run.path, "run", "gist-curate add-target"):
+        config = run_config(run.manifest)
+        if max_tokens:
+            config.max_tokens = max_tokens
+        examples, table, bad = prepare_targets(val_files, _tokenizer(config), config.max_len)
+        work = run.path / "targets" / f".{name}.work"
+        checkpoints = stored_checkpoints(run.path, run.manifest)
+        by_name = {c.name: i for i, c in enumerate(checkpoints)}
+        gist = [by_name[n] for n in run.manifest["gist"]["checkpoints"]]
+        less = [by_name[n] for n in (run.manifest.get("less") or {}).get("checkpoints", [])]
+        _validations(config, checkpoints, sorted(set(gist) | set(less)), gist, less, examples, work, device, reusable, progress)
+        data = _target_data(run, name, val_files, table, checkpoints, gist, less, work)
+        manifest = read_manifest(run.path)
+        write_target(run.path, manifest, data)
+        manifest.setdefault("timings", {})[f"add-target {name}"] = round(time.perf_counter() - t0, 3)
+        manifest.setdefault("bad_records_by_target", {})[name] = len(bad)
+        write_manifest(run.path / "manifest.json", manifest)
+        shutil.rmtree(work, ignore_errors=True)
+    return run.path
+
+
+def _tokenizer(config: ComputeConfig):
+    from .engine.model import load_model
+
+    cache = Path(config.model_cache_dir) if config.model_cache_dir else None
+    return load_model(config.model, device="cpu", cache_dir=cache)[1]
+
+
+def _validations(config, checkpoints: list[Checkpoint], needed: list[int], gist: list[int], less: list[int], examples, work: Path, device: str,
+                 reusable: dict, progress) -> None:  # fmt: skip
+    """The new target's validation gradients at every checkpoint a method uses (finished ones are kept)."""
+    from .engine.model import attach_lora, load_adapter, load_model
+
+    todo = [c for c in needed if not tensors_complete(work / f"ckpt-{c}.safetensors", {})]
+    if not todo:
+        return
+    dev = resolve_device(device)
+    weight_dtype, autocast = resolve_dtypes(config.dtype, dev)
+    model, tokenizer = load_model(config.model, dtype=weight_dtype, device=str(dev), cache_dir=Path(config.model_cache_dir) if config.model_cache_dir else None)
+    if config.adapter:
+        model = load_adapter(model, config.adapter)
+    else:
+        model = attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_targets,
+                            init_b_nonzero=not config.warmup, seed=config.seed)  # fmt: skip
+    model.to(dev)
+    for c in todo:
+        load_adapter_weights(model, Path(checkpoints[c].adapter))
+        _validation(config, model, examples, tokenizer.pad_token_id, work / f"ckpt-{c}.safetensors", gist=c in gist, less=c in less,
+                    device=dev, autocast=autocast, reusable=reusable, progress=progress)  # fmt: skip
+
+
+def _target_data(run, name: str, val_files: list[str], table, checkpoints: list[Checkpoint], gist: list[int], less: list[int], work: Path) -> TargetData:
+    """Everything the run stores for the new target, from the validation work and the run's pool sketches."""
+    parts = {c: read_tensors(work / f"ckpt-{c}.safetensors") for c in set(gist) | set(less)}
+    k = min(parts[c]["val_coords"].shape[1] for c in gist)
+    pool_sketch = read_npy(run.paths["gist_sketch"])
+    coords = np.stack([pool_coordinates(pool_sketch[j], parts[c]["val_pool_sketch"], parts[c]["val_coords"][:, :k], parts[c]["sigma"])
+                       for j, c in enumerate(gist)])  # fmt: skip
+    geometry_list = [{"name": checkpoints[c].name, **read_json(work / f"ckpt-{c}.json")} for c in gist]
+    coupling = read_tensors(work / f"ckpt-{gist[-1]}-coupling.safetensors")
+    data = TargetData(name=name, val=table, files=list(val_files), fingerprints={p: fingerprint(p) for p in val_files}, train_coords=coords,
+                      val_coords=np.stack([parts[c]["val_coords"][:, :k] for c in gist]), geometry=geometry_list, coupling=coupling)  # fmt: skip
+    if less:
+        from dataclasses import replace
+
+        from .methods.less import less_scores
+
+        train = read_npy(run.paths["train_sketch"])
+        val_sketch = np.stack([parts[c]["val_sketch"] for c in less])
+        scores, _, per_task = less_scores(list(train), list(val_sketch), table["task"].to_list(), run.less_weights().tolist())
+        data = replace(data, val_sketch=val_sketch, less_scores=scores.numpy(), less_task_scores=per_task.numpy())
+    return data

@@ -1,0 +1,97 @@
+"""Many targets from one pool pass: add-target ranks the pool like a fresh compute for that target."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from gist_backend.cli import main as cli_main
+from gist_backend.compute import ComputeConfig, compute
+from gist_backend.curation import scores
+from gist_backend.runs import RunError, open_run
+
+torch.set_num_threads(1)
+COMMON = dict(warmup_epochs=2, warmup_batch=4, warmup_fraction=0.2, warmup_lr=1e-3, methods=["gist", "less"], less_dim=256, max_len=64, k_max=8)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(pl.Series(a).rank().to_numpy(), pl.Series(b).rank().to_numpy())[0, 1])
+
+
+@pytest.fixture(scope="module")
+def two_targets(tiny_llama, tmp_path_factory):
+    from gist_backend.devkit.tiny import make_toy_data
+
+    root = tmp_path_factory.mktemp("targets")
+    pool, val = make_toy_data(root / "data", n_train=48, n_val=12, seed=3)
+    other = root / "animals.jsonl"  # a second target: another subject, as its own sub-task
+    other.write_text("".join(json.dumps({"id": f"a{i}", "task": "animals", "messages": [
+        {"role": "user", "content": f"How many legs does animal {i} have?"},
+        {"role": "assistant", "content": f"Animal {i} has {i % 5} legs and {i % 3} eyes."}]}) + "\n" for i in range(12)))  # fmt: skip
+    run = compute(ComputeConfig(model=str(tiny_llama), train=[str(pool)], val=[str(val)], reusable=True, sketch_dim=2048, **COMMON), root / "run")
+    fresh = compute(ComputeConfig(model=str(tiny_llama), train=[str(pool)], val=[str(other)], **COMMON), root / "fresh")
+    return {"root": root, "run": run, "fresh": fresh, "other": other, "pool": pool, "val": val, "model": tiny_llama}
+
+
+def test_add_target_ranks_like_a_fresh_compute(two_targets, capsys):
+    run_dir, other = two_targets["run"], two_targets["other"]
+    d = open_run(run_dir).manifest["d"]
+    assert d > 2048  # the sketch is smaller than the gradient: the coordinates are an approximation
+    cli_main(["add-target", "--run-dir", str(run_dir), "--val", str(other), "--name", "animals"])
+    assert "target 'animals' added" in capsys.readouterr().out
+    added, fresh = open_run(run_dir, "animals"), open_run(two_targets["fresh"])
+    assert added.targets == ["val", "animals"] and added.val.height == 12
+    for method in ("gist", "gist-global"):
+        a, b = scores(added, method), scores(fresh, method)
+        assert _spearman(a, b) >= 0.95, method
+        top_a, top_b = set(np.argsort(-a)[:8].tolist()), set(np.argsort(-b)[:8].tolist())
+        assert len(top_a & top_b) >= 7, method  # the top 8 of 48 agree up to one example
+    np.testing.assert_allclose(scores(added, "less"), scores(fresh, "less"), atol=1e-6)  # LESS from the same sketches: exact
+    np.testing.assert_allclose(added.geometry()["checkpoints"][-1]["spectrum"]["sigma"], fresh.geometry()["checkpoints"][-1]["spectrum"]["sigma"], rtol=1e-4)
+    assert not (run_dir / "targets" / ".animals.work").exists()
+    # every per-target command takes --target; info --json lists the targets
+    capsys.readouterr()
+    cli_main(["info", "--run-dir", str(run_dir), "--target", "animals", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["targets"] == ["val", "animals"] and info["target"] == "animals"
+    cli_main(["select", "--run-dir", str(run_dir), "--target", "animals", "--budget", "8", "--out", str(two_targets["root"] / "animals.jsonl.out.jsonl")])
+    manifest = json.loads((two_targets["root"] / "animals.jsonl.out.jsonl.manifest.json").read_text())
+    assert manifest["target"] == "animals"
+    open_run(run_dir, "val")  # the first target is untouched
+
+
+def test_add_target_refusals(two_targets, capsys):
+    fresh, other = two_targets["fresh"], two_targets["other"]
+    with pytest.raises(SystemExit):
+        cli_main(["add-target", "--run-dir", str(fresh), "--val", str(other), "--name", "x"])
+    assert "computed without --reusable" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["add-target", "--run-dir", str(two_targets["run"]), "--val", str(other), "--name", "../bad"])
+    assert "target name" in capsys.readouterr().err
+    with pytest.raises(RunError, match="no target 'nope'"):
+        open_run(two_targets["run"], "nope")
+
+
+def test_add_target_resumes_and_lists_the_target_only_when_complete(two_targets, monkeypatch, tmp_path):
+    import shutil
+
+    from gist_backend import targets
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_targets["run"], run_dir)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed after the validation gradients, before the target is written
+
+    monkeypatch.setattr(targets, "_target_data", crash)
+    with pytest.raises(KeyboardInterrupt):
+        targets.add_target(run_dir, [str(two_targets["other"])], "again")
+    assert "again" not in open_run(run_dir).targets and list((run_dir / "targets" / ".again.work").glob("ckpt-*.safetensors"))
+    monkeypatch.undo()
+    monkeypatch.setattr(targets, "_validation", lambda *a, **k: pytest.fail("finished validation work was redone"))
+    targets.add_target(run_dir, [str(two_targets["other"])], "again")
+    assert "again" in open_run(run_dir).targets
