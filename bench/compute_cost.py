@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--val-size", type=int, default=20)
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--warmup-epochs", type=int, default=4)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="alternating rounds of the two arms (medians reported)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     import torch
@@ -54,22 +56,24 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             model = args.model
         pool, val = make_toy_data(work / "data", n_train=args.pool_size, n_val=args.val_size)
-        rows, out = [], {"bench": "compute_cost", "machine": machine(), "options": vars(args)}
-        for methods in (["gist"], ["gist", "less"]):
-            config = ComputeConfig(model=model, train=[str(pool)], val=[str(val)], methods=methods, warmup_epochs=args.warmup_epochs,
-                                   warmup_batch=8, max_len=args.max_len, less_dim=1024)  # fmt: skip
-            t0 = time.perf_counter()
-            run = open_run(compute(config, work / "-".join(methods)))
-            wall = time.perf_counter() - t0
-            timings = run.manifest["timings"]
-            name = ",".join(methods)
-            out[name] = {"wall_s": wall, "timings": timings, "gradient_passes": run.manifest["gradient_passes"]}
-            rows.append([name, run.manifest["gradient_passes"], f"{wall:.1f}", f"{timings.get('warmup', 0):.1f}", f"{timings.get('pool', 0):.1f}"])
-        print(table(rows, ["methods", "pool passes", "wall s", "warmup s", "pool passes s"]))
-        gist, both = out["gist"], out["gist,less"]
-        headline = {"compute_gist_vs_gist_less": gist["wall_s"] / both["wall_s"],
-                    "compute_pool_pass_gist_vs_gist_less": gist["timings"]["pool"] / both["timings"]["pool"],
-                    "compute_gist_gradient_passes": gist["gradient_passes"]}  # fmt: skip
+        out = {"bench": "compute_cost", "machine": machine(), "options": vars(args), "rounds": []}
+        for r in range(args.repeats):
+            for methods in (["gist"], ["gist", "less"]):
+                config = ComputeConfig(model=model, train=[str(pool)], val=[str(val)], methods=methods, warmup_epochs=args.warmup_epochs,
+                                       warmup_batch=8, max_len=args.max_len, less_dim=1024)  # fmt: skip
+                t0, c0 = time.perf_counter(), time.process_time()
+                run = open_run(compute(config, work / f"{'-'.join(methods)}-{r}"))
+                out["rounds"].append({"methods": ",".join(methods), "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+                                      "timings": run.manifest["timings"], "gradient_passes": run.manifest["gradient_passes"]})  # fmt: skip
+        med = {m: {k: statistics.median(x[k] if k != "pool_s" else x["timings"]["pool"] for x in out["rounds"] if x["methods"] == m)
+                   for k in ("wall_s", "cpu_s", "pool_s")} for m in ("gist", "gist,less")}  # fmt: skip
+        passes = {x["methods"]: x["gradient_passes"] for x in out["rounds"]}
+        print(table([[m, passes[m], f"{v['cpu_s']:.1f}", f"{v['wall_s']:.1f}", f"{v['pool_s']:.1f}"] for m, v in med.items()],
+                    ["methods", "pool passes", "CPU s", "wall s", "pool passes s (wall)"]))  # fmt: skip
+        gist, both = med["gist"], med["gist,less"]
+        out["median"] = med
+        headline = {"compute_gist_vs_gist_less": gist["cpu_s"] / both["cpu_s"], "compute_gist_vs_gist_less_wall": gist["wall_s"] / both["wall_s"],
+                    "compute_pool_pass_gist_vs_gist_less": gist["pool_s"] / both["pool_s"], "compute_gist_gradient_passes": passes["gist"]}  # fmt: skip
         out["headline"] = headline
         if args.json:
             write_json(args.json, out)
