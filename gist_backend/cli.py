@@ -109,6 +109,16 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--with-meta", action="store_true", help="add a _gist field (score, position, method, rank) to each record")
 
+    p = sub.add_parser("combine", help="one selection for several targets of a run (quotas or round-robin), exported as JSONL")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--part", required=True, action="append", metavar="TARGET[:METHOD[:RANK]][=SHARE]",
+                   help="a target's method, rank and share of the budget, e.g. mmlu:gist:32=60%% (repeat for each target)")  # fmt: skip
+    p.add_argument("--budget", required=True, type=_budget)
+    p.add_argument("--mode", choices=["quotas", "round-robin"], default="quotas")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--with-meta", action="store_true")
+
     p = sub.add_parser("edit", help="include / exclude / reset ids, or undo the last edit")
     _add_run(p)
     p.add_argument("op", choices=["include", "exclude", "reset", "undo", "list"])

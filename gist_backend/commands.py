@@ -97,6 +97,20 @@ def cmd_select(args: argparse.Namespace) -> None:
           f"records copied from the run (as read at compute time); manifest {manifest}")  # fmt: skip
 
 
+def cmd_combine(args: argparse.Namespace) -> None:
+    from .curation.combine import Part, combine
+    from .curation.export import export_jsonl
+    from .runs.store import open_run
+
+    parts = [Part.parse(text) for text in args.part]
+    selection = combine(args.run_dir, parts, args.budget, mode=args.mode)
+    manifest = export_jsonl(open_run(args.run_dir, parts[0].target), selection, args.out, with_meta=args.with_meta, force=args.force)
+    for warning in selection.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    shares = ", ".join(f"{p['target']} {p['count']} ({p['method']}" + (f" r{p['rank']}" if p["rank"] else "") + ")" for p in selection.info["parts"])
+    print(f"selected {len(selection.ids)} examples ({args.mode}: {shares}) → {args.out} (manifest {manifest})")
+
+
 def cmd_edit(args: argparse.Namespace) -> None:
     from .curation.edits import add_edit, load_edits, undo
     from .runs.store import open_run
@@ -229,6 +243,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
-    "compute": cmd_compute, "scores": cmd_scores, "select": cmd_select, "edit": cmd_edit,
+    "compute": cmd_compute, "scores": cmd_scores, "select": cmd_select, "combine": cmd_combine, "edit": cmd_edit,
     "compare": cmd_compare, "evaluate": cmd_evaluate, "map": cmd_map, "add-target": cmd_add_target, "info": cmd_info, "demo": cmd_demo, "serve": cmd_serve,
 }  # fmt: skip

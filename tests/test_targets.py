@@ -95,3 +95,38 @@ def test_add_target_resumes_and_lists_the_target_only_when_complete(two_targets,
     monkeypatch.setattr(targets, "_validation", lambda *a, **k: pytest.fail("finished validation work was redone"))
     targets.add_target(run_dir, [str(two_targets["other"])], "again")
     assert "again" in open_run(run_dir).targets
+
+
+def test_combined_selection_across_targets(two_targets, tmp_path, capsys):
+    from gist_backend.curation import Part, combine, select
+
+    run_dir = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(two_targets["run"], run_dir)
+    if not (run_dir / "targets" / "animals").exists():  # the module's run may already hold it
+        cli_main(["add-target", "--run-dir", str(run_dir), "--val", str(two_targets["other"]), "--name", "animals"])
+    a, b = open_run(run_dir, "val"), open_run(run_dir, "animals")
+    top_a = select(a, method="gist", rank=4, budget=48, edits=[]).ids
+    top_b = select(b, method="less", budget=48, edits=[]).ids
+    quotas = combine(run_dir, [Part("val", "gist", 4, 3), Part("animals", "less", None, 1)], 12, edits=[])
+    assert len(quotas.ids) == len(set(quotas.ids)) == 12
+    assert quotas.ids[:9] == top_a[:9]  # the first part's share (9 of 12) in its own order
+    assert quotas.ids[9:] == [i for i in top_b if i not in quotas.ids[:9]][:3]
+    assert [p["count"] for p in quotas.info["parts"]] == [9, 3] and quotas.info["parts"][0]["share"] == 0.75
+    rr = combine(run_dir, [Part("val", "gist", 4), Part("animals", "less")], 6, mode="round-robin", edits=[])
+    assert rr.ids[0] == top_a[0] and rr.ids[1] == next(i for i in top_b if i != top_a[0])  # alternate, best first
+    # edits: a run-wide exclude applies to every part; a scoped one only to its target's part
+    from gist_backend.curation.edits import add_edit, load_edits
+
+    add_edit(run_dir, "exclude", [top_a[0]], "api")
+    add_edit(run_dir, "exclude", [top_b[0]], "api", target="val")
+    again = combine(run_dir, [Part("val", "gist", 4, 1), Part("animals", "less", None, 1)], 4, edits=load_edits(run_dir))
+    assert top_a[0] not in again.ids and (top_b[0] in again.ids or top_b[0] == top_a[0])
+    out = tmp_path / "combined.jsonl"
+    capsys.readouterr()
+    cli_main(["combine", "--run-dir", str(run_dir), "--part", "val:gist:4=75%", "--part", "animals:less=25%", "--budget", "8", "--out", str(out)])
+    manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+    assert manifest["method"] == "combined" and manifest["target"] == "val+animals"
+    assert [(p["target"], p["method"], p["rank"], p["share"]) for p in manifest["method_info"]["parts"]] == [("val", "gist", 4, 0.75), ("animals", "less", None, 0.25)]
+    assert len(out.read_text().splitlines()) == 8
