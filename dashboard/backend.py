@@ -167,12 +167,14 @@ def edit_state(run: Run) -> dict[str, str]:
     return _edits(str(run.path), run.target, edits_key(run))[1]
 
 
-def add_edit(run: Run, op: str, ids: list[str], kind: str, detail: Any, only_target: bool = False) -> int:
-    """Record an include / exclude / reset edit at once; returns the number of ids."""
+def add_edit(run: Run, op: str, ids: list[str], kind: str, detail: Any, only_target: bool | None = None) -> int:
+    """Record an include / exclude / reset edit at once (for every target, or the open one: the sidebar's scope); returns the number of ids."""
     from gist_backend.curation.edits import add_edit as record
 
     if not ids:
         return 0
+    if only_target is None:
+        only_target = len(run.targets) > 1 and bool(st.session_state.get(session.EDIT_SCOPE))
     record(run.path, op, list(ids), {"kind": kind, "detail": detail}, target=run.target if only_target else None)
     return len(ids)
 
@@ -327,6 +329,30 @@ def _comparison(key: str, budget_: int | str, rank: int, methods: tuple[str, ...
 def comparison(run: Run) -> dict:
     """Every available method's own selection (no caps, no edits) at the shared budget and rank (cached)."""
     return _comparison(run_key(run), budget(run), session.rank(), tuple(available_methods(run)), run)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _target_comparison(key: str, budget_: int | str, method_name: str, rank: int, _path: Path) -> dict:
+    from gist_backend.curation.compare import compare_targets
+
+    return compare_targets(_path, budget_, method=method_name, rank=rank)
+
+
+def target_comparison(run: Run) -> dict:
+    """Every target's own selection (sidebar method, rank and budget; no caps, no edits), overlaps and score correlations."""
+    return _target_comparison(run_key(run), budget(run), method(run), session.rank(), run.path)
+
+
+def target_ranks(run: Run) -> dict[str, int]:
+    """Each target's k_max (its largest GIST rank)."""
+    return {t: run.k_max if t == run.target else _open(str(run.path), t, _stamp(str(run.path))).k_max for t in run.targets}
+
+
+def combined_selection(run: Run, parts: list, mode: str):
+    """One selection serving several targets (gist_backend.curation.combine) at the sidebar's budget, with every edit."""
+    from gist_backend.curation.combine import combine
+
+    return combine(run.path, parts, budget(run), mode=mode, edits=edits(run))
 
 
 # ---------------------------------------------------------------- evaluations

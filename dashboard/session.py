@@ -23,14 +23,15 @@ BUDGET_MODE = "budget_mode"
 BUDGET_COUNT = "budget_count"
 BUDGET_PCT = "budget_pct"
 RUNS_ROOT = "runs_root"
+EDIT_SCOPE = "edit_only_target"  # True: new curation edits apply to the open target only
 # Widget keys whose values must survive visiting a page that does not draw them.
-PERSISTENT = (RUNS_ROOT, TARGET, RANK, METHOD, BUDGET_MODE, BUDGET_COUNT, BUDGET_PCT, "cap_on", "cap_mode", "cap_count", "cap_pct",
+PERSISTENT = (RUNS_ROOT, TARGET, EDIT_SCOPE, RANK, METHOD, BUDGET_MODE, BUDGET_COUNT, BUDGET_PCT, "cap_on", "cap_mode", "cap_count", "cap_pct",
               "f_text", "f_regex", "f_sources", "f_tasks", "f_state", "f_score", "f_length", "f_map",
               "map_colour", "page_size", "compare_x", "compare_y", "detail_tab")  # fmt: skip
 # Defaults of persistent widgets, set once per session (widgets then take no value/default argument).
 WIDGET_DEFAULTS = {"map_colour": "score", "cap_on": False, "cap_mode": "% of budget", "cap_count": 100, "cap_pct": 50.0,
                    "f_text": "", "f_regex": False, "f_state": "all", "f_sources": [], "f_tasks": [], "page_size": 100,
-                   "detail_tab": "Conversation", METHOD: "gist", BUDGET_MODE: "%", BUDGET_PCT: 5.0, BUDGET_COUNT: 100}  # fmt: skip
+                   "detail_tab": "Conversation", EDIT_SCOPE: False, METHOD: "gist", BUDGET_MODE: "%", BUDGET_PCT: 5.0, BUDGET_COUNT: 100}  # fmt: skip
 QUERY_KEYS = {METHOD: "method", RANK: "rank", TARGET: "target"}  # session key → URL query key (the budget is "budget")
 
 

@@ -74,6 +74,9 @@ def _edit_history(run: Run) -> None:
         return
     st.divider()
     st.caption(f"Curation edits: **{len(edits)}**" + (f" · last: {edits[-1]['op']} {len(edits[-1]['ids']):,} ids" if edits else ""))
+    if len(run.targets) > 1:
+        st.toggle(f"New edits for {run.target} only", key=session.EDIT_SCOPE,
+                  help="Off: an include or exclude applies to every target of the run. On: only to the open target.")  # fmt: skip
     if st.button("Undo last edit", icon=":material/undo:", disabled=not edits, width="stretch", key="undo"):
         backend.undo_edit(run)
         st.rerun()

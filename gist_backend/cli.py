@@ -126,10 +126,13 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ids-file", default=None, help="file with one id per line")
     p.add_argument("--only-target", action="store_true", help="apply the edit to --target only (default: every target)")
 
-    p = sub.add_parser("compare", help="overlap and correlation of methods at one budget")
+    p = sub.add_parser("compare", help="overlap and correlation of methods at one budget (or of targets, --across-targets)")
     _add_run(p)
     p.add_argument("--budget", required=True, type=_budget)
     p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--across-targets", action="store_true", help="compare the run's targets (or those given with --targets) with one --method")
+    p.add_argument("--targets", default=None, help="comma-separated targets for --across-targets (default: all)")
+    p.add_argument("--method", default="gist", choices=METHODS, help="the method of --across-targets")
 
     p = sub.add_parser("evaluate", help="fine-tune on a selection, random selections and none; score a held-out test set")
     _add_run(p)

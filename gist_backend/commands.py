@@ -134,10 +134,14 @@ def cmd_edit(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .curation.compare import compare
+    from .curation.compare import compare, compare_targets
     from .runs.store import open_run
 
-    print(json_dump(compare(open_run(args.run_dir, args.target), args.budget, rank=args.rank)))
+    if args.across_targets:
+        targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+        print(json_dump(compare_targets(args.run_dir, args.budget, targets, method=args.method, rank=args.rank)))
+    else:
+        print(json_dump(compare(open_run(args.run_dir, args.target), args.budget, rank=args.rank)))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -463,3 +463,54 @@ def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypa
     assert at.get("plotly_chart") and at.dataframe[-1].value["arm"].to_list()[:2] == ["gist-r6", "base"]
     result = next(r for r in (json.loads(p.read_text()) for p in (run_dir / "evals").glob("*.json")) if r.get("format") == "gist-curator-eval")
     assert result["baselines"] == 2 and result["recipe"]["epochs"] == 1 and result["arms"][0]["selection"]["budget"] == 2  # 5 % of 40
+
+
+# ---------------------------------------------------------------- many targets
+
+
+def test_add_target_switch_compare_and_combine(tiny_llama, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Runs page adds a target in the background; the sidebar switches to it; Compare and Export span both targets."""
+    from dashboard import jobs
+    from gist_backend.compute import ComputeConfig, compute
+    from gist_backend.curation import Part, combine
+    from gist_backend.devkit.tiny import make_toy_data
+
+    pool, val = make_toy_data(tmp_path / "data", n_train=40, n_val=8)
+    other = tmp_path / "data" / "animals.jsonl"
+    other.write_text("".join(json.dumps({"id": f"a{i}", "messages": [{"role": "user", "content": f"How many legs has animal {i}?"},
+                                                                      {"role": "assistant", "content": f"{i % 5} legs."}]}) + "\n" for i in range(8)))  # fmt: skip
+    run_dir = Path(compute(ComputeConfig(model=str(tiny_llama), train=[str(pool)], val=[str(val)], k_max=6, warmup_epochs=1, warmup_fraction=0.2, warmup_batch=4,
+                                         max_len=64, methods=["gist", "less"], less_dim=128, reusable=True, sketch_dim=1024), tmp_path / "run"))  # fmt: skip
+    at = app(run_dir, monkeypatch)
+    at.text_area(key="at_val").set_value(str(other))
+    at.text_input(key="at_name").set_value("val")
+    button(at, "Add the target").click().run()
+    assert any("already has a target" in plain(e.value) for e in at.error)  # refused before anything starts
+    at.text_input(key="at_name").set_value("animals")
+    button(at, "Add the target").click().run()
+    assert_clean(at)
+    deadline = time.time() + 240
+    while jobs.job_status(run_dir, "add-target").state == "running":
+        assert time.time() < deadline, jobs.log_tail(run_dir, "add-target")
+        time.sleep(1)
+    assert jobs.job_status(run_dir, "add-target").state == "complete", jobs.log_tail(run_dir, "add-target")
+    at.run()
+    button(at, "Open animals").click().run()
+    assert_clean(at)
+    assert at.sidebar.selectbox(key="target").value == "animals" and open_run(run_dir).targets == ["val", "animals"]
+    assert at.sidebar.toggle(key="edit_only_target").label == "New edits for animals only"
+    at.switch_page("views/compare.py").run()
+    assert_clean(at)
+    assert any(s.value == "Across targets" for s in at.subheader)
+    # Export: one selection for both targets; the manifest names both parts
+    at.switch_page("views/export.py").run()
+    at.toggle(key="combine_on").set_value(True).run()
+    assert_clean(at)
+    out = tmp_path / "exports" / "both.jsonl"
+    at.text_input(key="export_path").set_value(str(out))
+    button(at, "Write").click().run()
+    assert_clean(at)
+    manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+    assert manifest["method"] == "combined" and [p["target"] for p in manifest["method_info"]["parts"]] == ["val", "animals"]
+    expected = combine(run_dir, [Part("val", "gist", 6, 1), Part("animals", "gist", 6, 1)], 2, edits=[])
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == expected.ids

@@ -123,6 +123,18 @@ def test_combined_selection_across_targets(two_targets, tmp_path, capsys):
     add_edit(run_dir, "exclude", [top_b[0]], "api", target="val")
     again = combine(run_dir, [Part("val", "gist", 4, 1), Part("animals", "less", None, 1)], 4, edits=load_edits(run_dir))
     assert top_a[0] not in again.ids and (top_b[0] in again.ids or top_b[0] == top_a[0])
+    # across targets: each target's own selection and scores, compared with one method
+    from gist_backend.curation import compare_targets
+
+    across = compare_targets(run_dir, 12, method="gist", rank=4)
+    assert across["targets"] == ["val", "animals"] and across["jaccard"]["val"]["val"] == 1.0
+    own = {t: set(select(r, method="gist", rank=4, budget=12, edits=[]).ids) for t, r in (("val", a), ("animals", b))}
+    assert across["intersection"]["val"]["animals"] == len(own["val"] & own["animals"])
+    assert across["spearman"]["val"]["animals"] == pytest.approx(_spearman(scores(a, "gist", 4), scores(b, "gist", 4)), abs=1e-9)
+    capsys.readouterr()
+    cli_main(["compare", "--run-dir", str(run_dir), "--budget", "12", "--rank", "4", "--across-targets", "--method", "less"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["method"] == "less" and printed["counts"] == {"val": 12, "animals": 12}
     out = tmp_path / "combined.jsonl"
     capsys.readouterr()
     cli_main(["combine", "--run-dir", str(run_dir), "--part", "val:gist:4=75%", "--part", "animals:less=25%", "--budget", "8", "--out", str(out)])

@@ -1,4 +1,4 @@
-"""Compare: overlap, score agreement and source mix of the methods' selections at the same budget."""
+"""Compare: overlap, score agreement and source mix of the methods' selections at the same budget, and of the targets'."""
 
 from __future__ import annotations
 
@@ -58,3 +58,28 @@ st.caption("Each point is a pool example placed by its two scores (at most 20,00
 
 st.subheader("Selections side by side", anchor=False)
 st.dataframe(pl.DataFrame(report["table"]), hide_index=True, width="stretch")
+
+if len(run.targets) > 1:
+    method = backend.method(run)
+    st.subheader("Across targets", anchor=False)
+    with st.spinner("Selecting for every target…"):
+        across = backend.target_comparison(run)
+    targets = across["targets"]
+    left, right = st.columns(2)
+    with left:
+        jaccard = np.array([[across["jaccard"][a][b] for b in targets] for a in targets], dtype=np.float64)
+        st.plotly_chart(figures.jaccard_figure(targets, jaccard), key="cmp_targets_jaccard")
+        st.caption(f"Jaccard overlap of each target's own {session.METHOD_LABELS[method]} selection of {across['budget']:,} examples "
+                   "(no caps, no edits): how much one selection could serve both targets.")  # fmt: skip
+    with right:
+        rows = [{"target": t, "rank": across["ranks"][t], "selected": across["counts"][t],
+                 **{f"shared with {u}": across["intersection"][t][u] for u in targets if u != t}} for t in targets]  # fmt: skip
+        st.dataframe(pl.DataFrame(rows), hide_index=True, width="stretch")
+        pairs = [{"a": a, "b": b, "spearman": across["spearman"][a][b], "pearson": across["pearson"][a][b]}
+                 for i, a in enumerate(targets) for b in targets[i + 1 :] if a in across["spearman"]]  # fmt: skip
+        if pairs:
+            st.dataframe(pl.DataFrame(pairs), hide_index=True, width="stretch",
+                         column_config={c: st.column_config.NumberColumn(format="%.3f") for c in ("spearman", "pearson")})  # fmt: skip
+            st.caption("Correlation of the targets' scores over the whole pool: near 1, the targets want the same examples.")
+        else:
+            st.caption("G2IS returns sets without scores, so only the overlaps compare.")

@@ -5,18 +5,52 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import streamlit as st
 
 from dashboard import backend, figures, session, ui
+
+
+def combine_form():
+    """The parts of a combined selection (target, method, rank, share) and its mode; returns the selection or None."""
+    from gist_backend.curation.combine import MODES, Part
+
+    ranks, sidebar_rank = backend.target_ranks(run), session.rank()
+    table = pl.DataFrame({"use": [True] * len(run.targets), "target": run.targets, "method": [backend.method(run)] * len(run.targets),
+                          "rank": [min(sidebar_rank, ranks[t]) for t in run.targets], "share %": [round(100 / len(run.targets), 1)] * len(run.targets)})  # fmt: skip
+    with st.container(border=True):
+        edited = st.data_editor(table, hide_index=True, width="stretch", key="combine_parts", disabled=["target"], column_config={
+            "method": st.column_config.SelectboxColumn(options=backend.available_methods(run), required=True),
+            "rank": st.column_config.NumberColumn(min_value=1, step=1, help="GIST rank of this target (at most its k_max)"),
+            "share %": st.column_config.NumberColumn(min_value=0.1, max_value=100.0, help="Share of the budget; shares are normalised to 100 %")})  # fmt: skip
+        mode = st.segmented_control("Fill", list(MODES), key="combine_mode", default="quotas", required=True,
+                                    help="quotas: each target's share of its best examples, in turn. round-robin: one at a time, best first.")  # fmt: skip
+        rows = [r for r in edited.iter_rows(named=True) if r["use"]]
+        problems = [f"{r['target']}: rank {r['rank']} is above its k_max {ranks[r['target']]}" for r in rows if r["rank"] and r["rank"] > ranks[r["target"]]]
+        if not rows or problems:
+            st.info("Tick at least one target." if not rows else "\n".join(f"- {session.escape(p)}" for p in problems), icon=":material/info:")
+            return None
+        parts = [Part(r["target"], r["method"], int(r["rank"]) if r["rank"] and r["method"] != "less" else None, float(r["share %"] or 0) or 1.0) for r in rows]
+        try:
+            sel = backend.combined_selection(run, parts, mode or "quotas")
+        except (ValueError, OSError) as err:
+            session.show_error(err, "The combined selection failed")
+            return None
+        st.caption(" · ".join(f"**{session.escape(p['target'])}** {p['count']:,} ({session.METHOD_LABELS[p['method']]}"
+                              + (f" r{p['rank']}" if p["rank"] else "") + f", {p['share']:.0%})" for p in sel.info["parts"]))  # fmt: skip
+    return sel
+
 
 run = ui.require_run()
 method = backend.method(run)
 ui.header("Export", f"The final selection — {ui.settings_line(run)}, with every curation edit applied — ready to train on.")
 
+combining = len(run.targets) > 1 and st.toggle("Serve several targets", key="combine_on",
+                                               help="One selection for several targets of this run: each target gets a share of the budget.")  # fmt: skip
 with st.container(border=True):
     c = st.columns([1, 1, 2, 2], vertical_alignment="bottom")
     c[0].markdown(f"**Budget** {backend.budget(run)}", help="Set in the sidebar (count or % of the pool).")
-    c[1].toggle("Per-source cap", key="cap_on", help="Limit how many examples one source may contribute.")
+    c[1].toggle("Per-source cap", key="cap_on", help="Limit how many examples one source may contribute.", disabled=combining)
     st.session_state["cap_count"] = int(min(st.session_state.get("cap_count", 100), run.train.height))
     if st.session_state.get("cap_on"):
         c[2].segmented_control("Cap as", ["% of budget", "count"], key="cap_mode", required=True)
@@ -25,7 +59,12 @@ with st.container(border=True):
         else:
             c[3].number_input("Max share of the budget per source (%)", 1.0, 100.0, step=5.0, key="cap_pct")
 
-sel = backend.selection(run)
+if combining:
+    sel = combine_form()
+    if sel is None:
+        st.stop()
+else:
+    sel = backend.selection(run)
 info = backend.summary(run, sel)
 for warning in info.get("warnings", []):
     st.warning(session.escape(warning, inline=False), icon=":material/warning:")
@@ -64,7 +103,7 @@ st.caption("The first 200 selected examples, best first.")
 st.subheader("Save", anchor=False)
 with_meta = st.toggle("Add a `_gist` field (score, position, method, rank) to each record", key="with_meta")
 c = st.columns([2, 3], vertical_alignment="bottom")
-name = f"{run.path.name}-{run.target}-{method}-{len(sel.ids)}.jsonl"
+name = f"{run.path.name}-{sel.target or run.target}-{sel.method}-{len(sel.ids)}.jsonl"
 c[0].download_button("Download JSONL", data=lambda: backend.export_bytes(run, sel, with_meta), file_name=name, mime="application/jsonl",
                      icon=":material/download:", type="primary", on_click="ignore", key="download_jsonl")  # fmt: skip
 with c[1].form("write_path", border=False):

@@ -10,6 +10,7 @@ import streamlit as st
 from dashboard import backend, forms, jobs, session
 from dashboard.paths import resolve_allowed
 from gist_backend.runs.files import RunError
+from gist_backend.runs.manifest import check_target_name
 from gist_backend.runs.store import describe, list_runs, open_run
 
 BADGES = {
@@ -60,6 +61,73 @@ if run is not None:
         st.caption(f"Model {session.code(facts['model'] or '—')} · targets {esc(', '.join(run.targets))} · created {facts['created'] or '—'} · {session.code(run.path)}")
         for warning in facts["warnings"]:
             st.warning(esc(warning, inline=False), icon=":material/warning:")
+
+
+
+# ---------------------------------------------------------------- add a target
+def _switch_target(name: str) -> None:
+    """Button callback (runs before the sidebar is drawn): make ``name`` the open target."""
+    st.session_state[session.TARGET] = name
+
+
+def add_target_section(run) -> None:
+    """Add a target to the open run from its validation file(s), in the background; no pass over the pool."""
+    st.subheader("Add a target", anchor=False)
+    if not run.manifest.get("reusable"):
+        st.info("This run keeps no sketch of the pool's gradients, so a new target needs its own compute. Compute with "
+                "**Reusable** on (`--reusable`) to add targets later in minutes.", icon=":material/info:")  # fmt: skip
+        return
+    with st.form("add_target", border=True):
+        c = st.columns([3, 2], vertical_alignment="bottom")
+        files = c[0].text_area("Validation file(s) of the new target, one per line", key="at_val", height=68,
+                               help="Records of the new task; an optional 'task' field names sub-tasks.")  # fmt: skip
+        name = c[1].text_input("Target name", key="at_name", placeholder="e.g. arc_challenge")
+        go = st.form_submit_button("Add the target", icon=":material/add:", help="Computes only the new target's validation gradients.")
+    if go:
+        try:
+            paths = [str(resolve_allowed(line.strip(), must_exist=True)) for line in files.splitlines() if line.strip()]
+            if not paths:
+                raise ValueError("give the new target's validation file")
+            check_target_name(name.strip())
+            if name.strip() in run.targets:
+                raise ValueError(f"the run already has a target {name.strip()!r}; choose another name")
+            argv = ["--val", *(jobs.check_cli_value(p, "validation file") for p in paths), "--name", name.strip()]
+            pid = jobs.launch("add-target", argv, run.path)
+        except (OSError, ValueError, PermissionError) as err:
+            session.show_error(err, "Could not add the target")
+        else:
+            st.success(f"Adding target {session.code(name.strip())} in the background (pid {pid}).")
+
+    def panel() -> None:
+        _add_target_panel(run)
+
+    st.fragment(panel, run_every=2 if jobs.job_status(run.path, "add-target").state == "running" else None)()
+
+
+def _add_target_panel(run) -> None:
+    """The running or last add-target job of the open run."""
+    job = jobs.job_status(run.path, "add-target")
+    if job.pid is None and not job.progress:
+        return
+    p = job.progress
+    with st.container(border=True):
+        head, button = st.columns([5, 1], vertical_alignment="center")
+        head.markdown(f"**Adding a target** — {BADGES[job.state]}")
+        if job.state == "running":
+            if button.button("Cancel", key="cancel-add-target", icon=":material/stop:"):
+                jobs.cancel(run.path, "add-target")
+            st.progress(job.fraction, text=f"{esc(p.get('stage', 'starting'))}: {p.get('done', 0):,} / {p.get('total', 0):,}")
+        elif job.state == "complete":
+            added = [t for t in open_run(run.path).targets if t not in run.targets] or run.targets[-1:]
+            button.button(f"Open {added[0]}", key="open-added-target", icon=":material/swap_horiz:", on_click=_switch_target, args=(added[0],))
+        else:
+            st.error(esc(job.error or job.state, inline=False), icon=":material/error:")
+        with st.expander("Log (last lines)", expanded=job.state in ("failed", "stopped")):
+            st.code(jobs.log_tail(run.path, "add-target") or "(empty)", language=None)
+
+
+if run is not None:
+    add_target_section(run)
 
 # ---------------------------------------------------------------- open
 st.subheader("Open a run", anchor=False)

@@ -12,7 +12,7 @@
 
 from .budget import resolve_budget
 from .combine import Part, combine
-from .compare import compare
+from .compare import compare, compare_targets
 from .edits import add_edit, edit_state, load_edits, undo
 from .export import export_jsonl, summary
 from .scoring import available_methods, ranking, scores, task_scores
@@ -20,5 +20,5 @@ from .selection import Selection, select
 
 __all__ = [
     "scores", "task_scores", "ranking", "available_methods", "select", "Selection", "resolve_budget", "export_jsonl",
-    "summary", "compare", "combine", "Part", "add_edit", "load_edits", "undo", "edit_state",
+    "summary", "compare", "compare_targets", "combine", "Part", "add_edit", "load_edits", "undo", "edit_state",
 ]  # fmt: skip

@@ -1,14 +1,15 @@
-"""Compare the methods' selections at one budget: overlaps, score correlations and source mixes."""
+"""Compare selections at one budget: the methods' on one target (overlaps, score correlations, source mixes), or the targets' with one method."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import polars as pl
 
-from ..runs.store import Run
+from ..runs.store import Run, open_run
 from .budget import resolve_budget_note
 from .export import source_mix
 from .scoring import available_methods, scores
@@ -64,4 +65,28 @@ def compare(run: Run, budget: int | float | str, methods: Sequence[str] | None =
         "pool_source_mix": source_mix(run, np.arange(run.train.height)),
         "shortfall": {m: s.shortfall for m, s in sels.items() if s.shortfall},
         "warnings": {m: s.warnings for m, s in sels.items() if s.warnings},
+    }  # fmt: skip
+
+
+def compare_targets(run_dir: str | Path, budget: int | float | str, targets: Sequence[str] | None = None, method: str = "gist",
+                    rank: int | None = None) -> dict:  # fmt: skip
+    """How the targets of one run pick from the pool with one method: overlaps of their selections and score correlations.
+
+    Each target's selection is the method's own (no caps, no edits) at the same budget; G2IS contributes its set
+    to the overlaps and nothing to the correlations. ``rank`` above a target's k_max is clipped to it.
+    """
+    first = open_run(run_dir)
+    targets = list(dict.fromkeys(targets or first.targets))
+    runs = {t: first if t == first.target else open_run(run_dir, t) for t in targets}
+    ranks = {t: None if rank is None else min(rank, r.k_max) for t, r in runs.items()}
+    sels = {t: select(r, method=method, rank=ranks[t], budget=budget, edits=[]) for t, r in runs.items()}
+    jaccard, inter = overlaps({t: set(s.rows.tolist()) for t, s in sels.items()})
+    vectors = {} if method == "g2is" else {t: np.asarray(scores(r, method, sels[t].rank), dtype=np.float64) for t, r in runs.items()}
+    by_rank = {t: average_ranks(v) for t, v in vectors.items()}
+    return {
+        "method": method, "budget": next(iter(sels.values())).budget, "targets": targets,
+        "ranks": {t: s.rank for t, s in sels.items()}, "counts": {t: len(s.rows) for t, s in sels.items()},
+        "jaccard": jaccard, "intersection": inter,
+        "spearman": {a: {b: pearson(by_rank[a], by_rank[b]) for b in vectors} for a in vectors},
+        "pearson": {a: {b: pearson(vectors[a], vectors[b]) for b in vectors} for a in vectors},
     }  # fmt: skip
