@@ -61,8 +61,8 @@ def arms(run, budget: str) -> list:
     return out + [select(run, method=m, budget=budget, edits=[]) for m in ("less", "g2is")]
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Build data, compute the run, evaluate every arm; print tables and RESULT lines, write JSON."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options (bench/add_target.py reads the same ones to find the runs)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="mmlu", choices=TARGETS)
     p.add_argument("--model", default="smollm2", help="'smollm2' (offline SmolLM2-135M-Instruct), a folder, .gguf or hub id")
@@ -83,7 +83,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stage", default="all", choices=["compute", "all"])
     p.add_argument("--work-dir", default=str(Path(__file__).resolve().parent / "out" / "quality"))
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def run_inputs(args: argparse.Namespace) -> tuple[dict, object, Path]:
+    """(data files, compute config, run folder) of the benchmark run for ``args.target`` (the data is built if missing)."""
+    work = Path(args.work_dir)
+    files = build(work / "data", args.target, pool_size=args.pool_size, val_size=args.val_size, test_size=args.test_size,
+                  seed=args.seed, max_chars=args.max_chars)  # fmt: skip
+    config = compute_config(args, files)
+    return files, config, work / f"run-{args.target}-{config.result_hash()[:8]}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Build data, compute the run, evaluate every arm; print tables and RESULT lines, write JSON."""
+    args = parse_args(argv)
     if args.threads:
         import torch
 
@@ -93,10 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     work = Path(args.work_dir)
-    files = build(work / "data", args.target, pool_size=args.pool_size, val_size=args.val_size, test_size=args.test_size,
-                  seed=args.seed, max_chars=args.max_chars)  # fmt: skip
-    config = compute_config(args, files)
-    run_dir = compute(config, work / f"run-{args.target}-{config.result_hash()[:8]}")
+    files, config, run_dir = run_inputs(args)
+    cost_file = run_dir.with_name(run_dir.name + ".compute-cost.json")
+    fresh, cpu0, wall0 = not (run_dir / "manifest.json").exists(), time.process_time(), time.perf_counter()
+    compute(config, run_dir)
+    if fresh and not cost_file.exists():  # the whole compute ran in this process: its cost is a fair reference
+        write_json(cost_file, {"cpu_s": time.process_time() - cpu0, "wall_s": time.perf_counter() - wall0, "machine": machine()})
     run = open_run(run_dir)
     print(f"run {run_dir}: pool {run.train.height}, validation {run.val.height}; compute stages (s): {run.manifest.get('timings')}", flush=True)
     out = {"bench": "quality", "machine": machine(), "options": vars(args), "run_dir": str(run_dir), "compute_timings": run.manifest.get("timings")}

