@@ -308,6 +308,68 @@ def test_damaged_intermediate_files_are_recomputed_on_resume(setup):
     REPORT["kills"].append({"name": "damaged-shards-subspace-optimizer", "killed": True, "resumed_equal": True})
 
 
+# ============================================================================ add-target killed and resumed
+
+
+@pytest.fixture(scope="module")
+def add_setup(setup):
+    """A --reusable run, a second target's validation file, and the run with that target added uninterrupted."""
+    root = setup["root"]
+    base = root / "reusable"
+    args = compute_args(setup["model"], setup["pool"], setup["val"], base) + ["--reusable", "--sketch-dim", "256"]
+    assert run_child(args, root / "reusable.log") == 0, (root / "reusable.log").read_text()[-3000:]
+    other = root / "animals.jsonl"
+    other.write_text("".join(json.dumps({"id": f"a{i}", "messages": [{"role": "user", "content": f"How many legs has animal {i}?"},
+                                                                      {"role": "assistant", "content": f"{i % 5} legs."}]}) + "\n" for i in range(10)))  # fmt: skip
+    ref = root / "added-reference"
+    shutil.copytree(base, ref)
+    assert run_child(add_args(ref, other), root / "added-reference.log") == 0, (root / "added-reference.log").read_text()[-3000:]
+    return {"base": base, "other": other, "ref": ref}
+
+
+def add_args(run_dir: Path, val: Path) -> list[str]:
+    return ["add-target", "--run-dir", str(run_dir), "--val", str(val), "--name", "animals", "--max-tokens", "512"]
+
+
+def target_digests(run_dir: Path) -> dict[str, str]:
+    return {k: v for k, v in file_digests(run_dir).items() if k.startswith("targets/animals/")}
+
+
+ADD_TARGET_POINTS = {
+    "add-target-val-grads-ckpt1": {"kind": "progress", "stage": "validation gradients (ckpt-1)", "done": 4},
+    "add-target-write-val-work": {"kind": "write", "name": "ckpt-1.safetensors"},
+    "add-target-write-gist_unit.npy": {"kind": "write", "name": "gist_unit.npy"},
+    "add-target-write-manifest": {"kind": "write", "name": "manifest.json", "contains": '"animals"'},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", [*ADD_TARGET_POINTS, "random-0", "random-1"])
+def test_add_target_killed_leaves_the_run_intact_and_resumes(setup, add_setup, point):
+    """A killed add-target never damages the run or lists a half-written target; re-running it finishes byte-identical."""
+    run_dir = setup["root"] / f"add-{point}"
+    shutil.copytree(add_setup["base"], run_dir)
+    before = file_digests(run_dir)
+    log = setup["root"] / f"add-{point}.log"
+    proc = spawn(add_args(run_dir, add_setup["other"]), log, ADD_TARGET_POINTS.get(point))
+    if point.startswith("random"):
+        time.sleep(0.3 + random.Random(f"add-{point}").uniform(0.0, 3.0))
+        if proc.is_alive():
+            proc.kill()
+    code = wait(proc)
+    killed = code == -signal.SIGKILL
+    assert killed or (point.startswith("random") and code == 0), log.read_text()[-3000:]
+    if killed:
+        assert open_run(run_dir).targets == open_run(add_setup["base"]).targets  # not listed
+        assert file_digests(run_dir) == before  # the first target's artefacts untouched, and the run still opens
+        with pytest.raises(RunError, match="no target 'animals'"):
+            open_run(run_dir, "animals")
+        assert run_child(add_args(run_dir, add_setup["other"]), log) == 0, log.read_text()[-3000:]
+    assert target_digests(run_dir) == target_digests(add_setup["ref"]) and target_digests(run_dir)
+    np.testing.assert_array_equal(scores(open_run(run_dir, "animals"), "gist", 3), scores(open_run(add_setup["ref"], "animals"), "gist", 3))
+    REPORT["kills"].append({"name": point, "killed": killed, "trap": ADD_TARGET_POINTS.get(point), "resumed_equal": True})
+
+
 # ============================================================================ tampered finished runs
 
 
