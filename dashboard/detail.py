@@ -33,7 +33,7 @@ def detail_pane(run: Run, example_id: str, position: int, score: float, selected
                 st.toast(f"{op}: {session.escape(example_id)}")
                 st.rerun(scope="app")
         tab = st.segmented_control("Show", DETAIL_TABS, key=f"{key}_tab", required=True, label_visibility="collapsed", width="stretch",
-                                   default=DETAIL_TABS[0])  # fmt: skip
+                                   default=None if f"{key}_tab" in st.session_state else DETAIL_TABS[0])  # fmt: skip
         _tab(run, row, tab or DETAIL_TABS[0], key)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import numpy as np
+
 _TURN = re.compile(r"(?:^|\n\n)\[(system|user|assistant)\] ")
 
 
@@ -22,6 +24,22 @@ def selection_ids(event: Any) -> list[str]:
         if data is not None:
             ids.append(str(data))
     return list(dict.fromkeys(ids))
+
+
+def selection_rows(event: Any, n_rows: int) -> np.ndarray:
+    """Row numbers (sorted, unique) of a plotly selection event whose points carry their row in customdata."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        return np.zeros(0, dtype=np.int64)
+    rows = []
+    for point in points or []:
+        data = point.get("customdata") if isinstance(point, dict) else None
+        if isinstance(data, (list, tuple)):
+            data = data[0] if data else None
+        if isinstance(data, (int, float)) and not isinstance(data, bool) and float(data).is_integer() and 0 <= data < n_rows:
+            rows.append(int(data))
+    return np.unique(np.asarray(rows, dtype=np.int64))
 
 
 def selection_regions(event: Any) -> list[dict]:

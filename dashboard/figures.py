@@ -120,61 +120,127 @@ def coords_figure(coords: np.ndarray, names: Sequence[str]) -> go.Figure:
     return _layout(fig, 280, showlegend=len(names) > 1)
 
 
+POINTS_UP_TO = 20_000  # larger maps are drawn as a raster of bins (see map_figure)
+MAP_BINS = (200, 160)  # raster cells across and up: about 3 screen pixels each at the Map view's size
+
+
 def map_figure(
     xy: np.ndarray,
-    ids: np.ndarray,
     colour: str,
     values: np.ndarray,
     val_xy: np.ndarray | None = None,
     centroid_xy: np.ndarray | None = None,
     centroid_names: Sequence[str] = (),
-    max_points: int = 60_000,
-    density_above: int = 100_000,
-    seed: int = 0,
+    *,
+    labels: np.ndarray | None = None,
+    categories: Sequence[str] | None = None,
+    points_up_to: int = POINTS_UP_TO,
+    bins: tuple[int, int] = MAP_BINS,
 ) -> go.Figure:
-    """The training map: points (ids in customdata) coloured by score/source/state, overlays, density above a size.
+    """The training map, coloured by score (``values`` numbers) or by category (``values`` labels, or integer indices into ``categories``).
 
-    ``values`` holds scores (colour "score") or category labels (otherwise). Above ``density_above``
-    points a 2-D histogram of all points is drawn under at most ``max_points`` sampled points.
+    Up to ``points_up_to`` points every example is a marker whose customdata is its row number (``labels``, the ids,
+    show on hover). Above, the map is aggregated into a raster of ``bins`` cells (the mean score, or the most common
+    category; a selection state shows the rarest one present, so hand edits stay visible), which keeps the figure a
+    few hundred kB at any pool size; a region drawn on it is resolved against every point on the server.
+    Validation examples and sub-task centroids are drawn on top in both modes.
     """
-    n = len(xy)
     fig = go.Figure()
-    keep = np.arange(n)
-    if n > density_above:
-        counts, xe, ye = np.histogram2d(xy[:, 0], xy[:, 1], bins=160)
-        fig.add_trace(go.Heatmap(z=np.log1p(counts.T).astype(np.float32), x=(xe[:-1] + xe[1:]) / 2, y=(ye[:-1] + ye[1:]) / 2,
-                                 colorscale="Greys", showscale=False, hoverinfo="skip", name="density"))  # fmt: skip
-        keep = np.sort(np.random.default_rng(seed).choice(n, size=min(max_points, n), replace=False))
-    elif n > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
-    size = 4 if len(keep) > 20_000 else 6 if len(keep) > 2_000 else 8
-    scatter = go.Scattergl if len(keep) > 3_000 else go.Scatter  # SVG is crisper and needs no WebGL for small maps
-    sub_xy, sub_ids, sub_val = xy[keep].astype(np.float32), np.asarray(ids)[keep], np.asarray(values)[keep]
-    if colour == "score":
-        fig.add_trace(scatter(x=sub_xy[:, 0], y=sub_xy[:, 1], mode="markers", name="training examples", customdata=sub_ids,
-                                   marker=dict(size=size, color=sub_val.astype(np.float32), colorscale="Viridis", opacity=0.8,
-                                               colorbar=dict(title="score", thickness=12)),
-                                   hovertemplate="%{customdata}<br>score %{marker.color:.3f}<extra></extra>"))  # fmt: skip
+    if colour != "score" and categories is None:
+        categories = sorted({str(v) for v in np.asarray(values).tolist()})
+    if len(xy) <= points_up_to:
+        _map_points(fig, np.asarray(xy, np.float32), colour, np.asarray(values), labels, categories)
     else:
-        categories = [c for c in STATE_COLOURS if c in set(sub_val)] if colour == "selection state" else sorted(set(sub_val))
-        for i, cat in enumerate(categories):
-            pick = sub_val == cat
-            colour_of = STATE_COLOURS.get(cat) if colour == "selection state" else PALETTE[i % len(PALETTE)]
-            fig.add_trace(scatter(x=sub_xy[pick, 0], y=sub_xy[pick, 1], mode="markers", name=str(cat), customdata=sub_ids[pick],
-                                       marker=dict(size=size, color=colour_of, opacity=0.8),
-                                       hovertemplate="%{customdata}<br>" + str(cat) + "<extra></extra>"))  # fmt: skip
+        _map_raster(fig, np.asarray(xy, np.float32), colour, np.asarray(values), categories, bins)
+    marker = go.Scattergl if len(xy) > 3_000 else go.Scatter  # SVG is crisper and needs no WebGL for small maps
     if val_xy is not None and len(val_xy):
-        fig.add_trace(scatter(x=val_xy[:, 0], y=val_xy[:, 1], mode="markers", name="validation",
-                                   marker=dict(symbol="x", size=7, color="#212121", line=dict(width=1)), hoverinfo="name"))  # fmt: skip
+        fig.add_trace(marker(x=np.asarray(val_xy[:, 0], np.float32), y=np.asarray(val_xy[:, 1], np.float32), mode="markers", name="validation",
+                             marker=dict(symbol="x", size=7, color="#212121", line=dict(width=1)), hoverinfo="name"))  # fmt: skip
     if centroid_xy is not None and len(centroid_xy):
-        fig.add_trace(go.Scatter(x=centroid_xy[:, 0], y=centroid_xy[:, 1], mode="markers+text", name="sub-task centroids",
-                                 text=list(centroid_names), textposition="top center",
+        fig.add_trace(go.Scatter(x=np.asarray(centroid_xy[:, 0], np.float32), y=np.asarray(centroid_xy[:, 1], np.float32), mode="markers+text",
+                                 name="sub-task centroids", text=list(centroid_names), textposition="top center",
                                  marker=dict(symbol="star", size=16, color="#FFD600", line=dict(color="#212121", width=1)),
                                  hovertemplate="%{text}<extra>centroid</extra>"))  # fmt: skip
-    fig.update_layout(dragmode="lasso", uirevision="map", legend=dict(itemsizing="constant"))
+    fig.update_layout(dragmode="lasso", uirevision="map", legend=dict(itemsizing="constant"), plot_bgcolor="#FFFFFF")
     fig.update_xaxes(showticklabels=False, title_text="UMAP 1", showgrid=False, zeroline=False)
     fig.update_yaxes(showticklabels=False, title_text="UMAP 2", showgrid=False, zeroline=False)
     return _layout(fig, 620)
+
+
+def _category_colour(colour: str, categories: Sequence[str], i: int) -> str:
+    return STATE_COLOURS.get(categories[i], PALETTE[i % len(PALETTE)]) if colour == "selection state" else PALETTE[i % len(PALETTE)]
+
+
+def _codes(values: np.ndarray, categories: Sequence[str]) -> np.ndarray:
+    """Category index per row (-1 for a label not in ``categories``); integer ``values`` are taken as the indices."""
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    labels, inverse = np.unique(values.astype(str), return_inverse=True)
+    index = {str(c): i for i, c in enumerate(categories)}
+    return np.array([index.get(label, -1) for label in labels.tolist()], np.int64)[inverse.reshape(-1)]
+
+
+def _map_points(fig: go.Figure, xy: np.ndarray, colour: str, values: np.ndarray, labels: np.ndarray | None, categories) -> None:
+    """One marker per example; customdata is the row number."""
+    n = len(xy)
+    rows = np.arange(n, dtype=np.int32)
+    size = 4 if n > 20_000 else 6 if n > 2_000 else 8
+    scatter = go.Scattergl if n > 3_000 else go.Scatter
+    hover = "%{text}" if labels is not None else "row %{customdata}"
+    text = np.asarray(labels).astype(str) if labels is not None else None
+    if colour == "score":
+        fig.add_trace(scatter(x=xy[:, 0], y=xy[:, 1], mode="markers", name="training examples", customdata=rows, text=text,
+                              marker=dict(size=size, color=values.astype(np.float32), colorscale="Viridis", opacity=0.8,
+                                          colorbar=dict(title="score", thickness=12)),
+                              hovertemplate=hover + "<br>score %{marker.color:.3f}<extra></extra>"))  # fmt: skip
+        return
+    codes = _codes(values, categories)
+    for i, cat in enumerate(categories):
+        pick = codes == i
+        if not pick.any():
+            continue
+        fig.add_trace(scatter(x=xy[pick, 0], y=xy[pick, 1], mode="markers", name=str(cat), customdata=rows[pick],
+                              text=None if text is None else text[pick], marker=dict(size=size, color=_category_colour(colour, categories, i), opacity=0.8),
+                              hovertemplate=hover + "<br>" + str(cat).replace("%", "%%") + "<extra></extra>"))  # fmt: skip
+
+
+def _map_raster(fig: go.Figure, xy: np.ndarray, colour: str, values: np.ndarray, categories, bins: tuple[int, int]) -> None:
+    """Every example binned into a raster: the mean score per cell, or one category per cell; empty cells are blank."""
+    nx, ny = bins
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    ix = np.clip(((xy[:, 0] - lo[0]) / span[0] * nx).astype(np.int64), 0, nx - 1)
+    iy = np.clip(((xy[:, 1] - lo[1]) / span[1] * ny).astype(np.int64), 0, ny - 1)
+    cell = iy * nx + ix
+    counts = np.bincount(cell, minlength=nx * ny)
+    empty = counts == 0
+    centres_x = (lo[0] + (np.arange(nx) + 0.5) * span[0] / nx).astype(np.float32)
+    centres_y = (lo[1] + (np.arange(ny) + 0.5) * span[1] / ny).astype(np.float32)
+    shown = counts.astype(np.uint16 if counts.max() < 65_536 else np.int32).reshape(ny, nx)
+    common = dict(x=centres_x, y=centres_y, customdata=shown, zsmooth=False, hoverongaps=False, name="training examples", showlegend=False)
+    if colour == "score":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.bincount(cell, weights=values.astype(np.float64), minlength=nx * ny) / counts
+        z[empty] = np.nan
+        fig.add_trace(go.Heatmap(z=z.astype(np.float32).reshape(ny, nx), colorscale="Viridis", colorbar=dict(title="mean score", thickness=12),
+                                 hovertemplate="mean score %{z:.3f}<br>%{customdata:,} examples<extra></extra>", **common))  # fmt: skip
+        return
+    k = len(categories)
+    codes = _codes(values, categories)
+    keep = codes >= 0
+    cell, codes = cell[keep], codes[keep]
+    per_cell = np.bincount(cell * k + codes, minlength=nx * ny * k).reshape(nx * ny, k)
+    if colour == "selection state":  # the rarest state present wins, so a hand edit or a selected example shows
+        rarity = np.argsort(per_cell.sum(axis=0), kind="stable")
+        pick = rarity[np.argmax(per_cell[:, rarity] > 0, axis=1)]
+    else:
+        pick = per_cell.argmax(axis=1)
+    z = pick.astype(np.float32)
+    z[empty] = np.nan
+    scale = [[edge, _category_colour(colour, categories, i)] for i in range(k) for edge in (i / k, (i + 1) / k)]
+    fig.add_trace(go.Heatmap(z=z.reshape(ny, nx), colorscale=scale, zmin=-0.5, zmax=k - 0.5,
+                             colorbar=dict(title=colour, thickness=12, tickvals=list(range(k)), ticktext=[str(c) for c in categories]),
+                             hovertemplate="%{customdata:,} examples<extra></extra>", **common))  # fmt: skip
 
 
 def jaccard_figure(methods: Sequence[str], matrix: np.ndarray) -> go.Figure:

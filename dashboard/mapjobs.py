@@ -1,8 +1,12 @@
-"""Background UMAP maps: one computation at a time per server, so the app stays usable while a map is made.
+"""UMAP maps for the Map view: served from the run's cache, awaited while a fit runs, or fitted in the background.
 
-A map already in the run's cache (computed at the end of ``compute``, or earlier in the dashboard) loads in
-milliseconds; a missing one is computed in a daemon thread, and the view shows the latest finished map
-meanwhile. The registry of jobs is a Streamlit resource (one per server), not module state.
+A map already in the run's cache (made by the `gist-curate map` process compute starts when it completes, or
+earlier here) loads in milliseconds. While that process runs (its pid in ``<run>/map.pid``, its progress in
+``<run>/maps/progress.json``) the view waits for it and never starts a second fit. A missing map is fitted in a
+daemon thread of this server, one at a time: at once when the run has no map yet or the pool is small
+(``AUTO_FIT_UP_TO``), otherwise on request, the latest map of another rank being shown meanwhile (its layout
+is still a faithful picture; colours and scores follow the slider). The registry of jobs is a Streamlit
+resource (one per server), not module state.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 import streamlit as st
 
 from dashboard import backend, session
+from dashboard.jobs import JobStatus
 from gist_backend.runs.store import Run
 
 
@@ -83,24 +88,110 @@ def latest_map(run: Run) -> tuple[int, dict[str, np.ndarray]] | None:
     return (ready[-1][0], ready[-1][1].result()) if ready else latest_cached_map(run)
 
 
-@st.cache_resource(max_entries=6, show_spinner=False)
-def _figure(key: str, map_rank: int, score_rank: int, colour: str, method_name: str, sel_key: tuple, density_above: int, _run: Run, _xy: dict):
-    from dashboard.figures import map_figure
+AUTO_FIT_UP_TO = 20_000  # a missing map of a pool up to this size is fitted at once; larger ones on request
 
+
+@dataclass
+class MapState:
+    """What the Map view can show now: a map (at ``rank``, maybe not the slider's) and what is being done about it."""
+
+    rank: int | None = None  # the rank of the map in ``xy`` (None: no map yet)
+    xy: dict[str, np.ndarray] | None = None
+    waiting: str | None = None  # "server": a fit in this server; "background": `gist-curate map`; None: nothing runs
+    job: JobStatus | None = None  # the background job waited on
+    error: BaseException | None = None  # why the fit in this server failed
+
+
+def background_job(run: Run) -> JobStatus | None:
+    """The `gist-curate map` process of this run (started by compute when it completed), while it runs."""
+    from dashboard import jobs
+
+    if jobs.read_pid(run.path, "map") is None:
+        return None
+    status = jobs.job_status(run.path, "map")
+    return status if status.state == "running" else None
+
+
+def _known(run: Run, at_rank: int) -> Future | None:
+    """This server's future for the map at a rank, if any."""
+    jobs = registry()
+    with jobs.lock:
+        return jobs.jobs.get((backend.run_key(run), at_rank))
+
+
+def _remember(run: Run, at_rank: int, xy: dict[str, np.ndarray]) -> None:
+    """Keep a map read from the run's cache as this server's finished job for that rank."""
+    fut: Future = Future()
+    fut.set_result(xy)
+    jobs = registry()
+    with jobs.lock:
+        jobs.jobs.setdefault((backend.run_key(run), at_rank), fut)
+
+
+def map_state(run: Run, at_rank: int, fit: bool = False) -> MapState:
+    """The map at ``at_rank`` if made; else wait for a running fit (the background job first: never a second fit beside
+    it) and show the latest map meanwhile; else fit one here when ``fit``, the run has no map yet, or the pool is small."""
+    from gist_backend.curation.maps import cached_map
+
+    fut = _known(run, at_rank)
+    if fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+        return MapState(at_rank, fut.result())
+    if fut is None and (ready := cached_map(run, at_rank)) is not None:
+        _remember(run, at_rank, ready)
+        return MapState(at_rank, ready)
+    latest = latest_map(run)
+    shown = dict(zip(("rank", "xy"), latest)) if latest else {}
+    if (job := background_job(run)) is not None:
+        return MapState(**shown, waiting="background", job=job)
+    if fut is not None and fut.done() and not fut.cancelled() and not fit:
+        return MapState(**shown, error=fut.exception())
+    if (fut is not None and not fut.done()) or fit or latest is None or run.train.height <= AUTO_FIT_UP_TO:
+        map_job(run, at_rank)
+        return MapState(**shown, waiting="server")
+    return MapState(**shown)
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _y_order(key: str, map_rank: int, _xy: dict) -> np.ndarray:
+    return np.argsort(_xy["train_xy"][:, 1], kind="stable")
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def _region_rows(key: str, map_rank: int, regions_json: str, _xy: dict) -> np.ndarray:
+    import json
+
+    from dashboard.filters import region_mask
+
+    mask = region_mask(_xy["train_xy"], json.loads(regions_json), _y_order(key, map_rank, _xy))
+    return np.flatnonzero(mask)
+
+
+def region_rows(run: Run, map_rank: int, xy: dict, regions: list[dict]) -> np.ndarray:
+    """Rows of every pool example inside the drawn regions of the map at ``map_rank`` (cached per map and regions)."""
+    import json
+
+    return _region_rows(backend.run_key(run), map_rank, json.dumps(regions, sort_keys=True), xy)
+
+
+@st.cache_resource(max_entries=6, show_spinner=False)
+def _figure(key: str, map_rank: int, score_rank: int, colour: str, method_name: str, sel_key: tuple, _run: Run, _xy: dict):
+    from dashboard.figures import POINTS_UP_TO, STATE_COLOURS, map_figure
+
+    categories = None
     if colour == "score":
         values = backend.scores(_run, method_name, score_rank)
     elif colour == "source":
-        values = _run.train["source"].to_numpy()
+        categories, values = _run.source_codes
     else:
-        values = backend.selection_states(_run)
-    names = backend.task_scores(_run, score_rank)[0]
-    return map_figure(_xy["train_xy"], _run.train["id"].to_numpy(), colour, values, _xy.get("val_xy"), _xy.get("centroid_xy"), names,
-                      density_above=density_above)  # fmt: skip
+        categories, values = list(STATE_COLOURS), backend.selection_states(_run)
+    labels = _run.train["id"].to_numpy() if _run.train.height <= POINTS_UP_TO else None
+    names = sorted(set(_run.val_tasks))  # the map's centroids are in sorted task order
+    return map_figure(_xy["train_xy"], colour, values, _xy.get("val_xy"), _xy.get("centroid_xy"), names, labels=labels, categories=categories)
 
 
-def map_figure(run: Run, map_rank: int, xy: dict, colour: str, density_above: int):
+def map_figure(run: Run, map_rank: int, xy: dict, colour: str):
     """The Map view's figure for a map computed at ``map_rank`` (cached: a selection rerun does not rebuild it)."""
     method_name = backend.score_method(backend.method(run))
     sel_key = (backend.method(run), backend.budget(run), session.per_source_cap(), backend.edits_key(run)) if colour == "selection state" else ()
     # colours follow the slider even while the map of an earlier rank is shown
-    return _figure(backend.run_key(run), map_rank, session.rank(), colour, method_name, sel_key, density_above, run, xy)
+    return _figure(backend.run_key(run), map_rank, session.rank(), colour, method_name, sel_key, run, xy)

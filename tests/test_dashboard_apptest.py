@@ -252,29 +252,133 @@ def test_edits_persist_and_undo_step_by_step(run_dir: Path, monkeypatch: pytest.
 # ---------------------------------------------------------------- map selection
 
 
-def test_map_selection_from_session_state(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def map_region(run) -> tuple[dict, np.ndarray]:
+    """A box over the middle of the run's cached map at k_max and the rows inside it."""
+    from dashboard.filters import points_in_region
+    from gist_backend.curation.maps import cached_map
+
+    xy = cached_map(run, run.k_max)["train_xy"]
+    (x0, y0), (x1, y1) = np.percentile(xy, 25, axis=0), np.percentile(xy, 75, axis=0)
+    region = {"kind": "box", "x": [float(x0), float(x1)], "y": [float(y0), float(y1)]}
+    return region, np.flatnonzero(points_in_region(xy, region))
+
+
+def select_region(at: AppTest, region: dict) -> None:
+    """Send the Map a box selection, as the browser does after a drag."""
+    at.session_state["map_chart"] = {"selection": {"points": [], "point_indices": [], "box": [{"xref": "x", "yref": "y", **region}], "lasso": []}}
+    at.run()
+    assert_clean(at)
+
+
+def test_map_region_lists_ranked_examples_and_edits(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from gist_backend.curation.edits import load_edits
 
     run = open_run(run_dir)
     at = app(run_dir, monkeypatch, "map")
     wait_for_map(at)
+    assert any("No region selected" in m.value for m in at.markdown)
     before = export_ids(at, tmp_path / "before.jsonl")
-    chosen = before[:3] + run.train["id"][-2:].to_list()
-    event = {"selection": {"points": [{"customdata": i, "curve_number": 0, "point_index": 99} for i in chosen],
-                           "point_indices": [99] * len(chosen), "box": [], "lasso": [{"x": [0, 1, 1], "y": [0, 0, 1]}]}}  # fmt: skip
+    region, rows = map_region(run)
+    ids = run.train["id"].to_numpy()
+    assert 0 < len(rows) < run.train.height and set(ids[rows]) & set(before)
     at.switch_page("views/map.py").run()
     wait_for_map(at)
-    at.session_state["map_chart"] = event
-    at.run()
-    assert_clean(at)
-    assert any(f"**{len(chosen)} examples**" in m.value for m in at.markdown)
+    select_region(at, region)
+    assert any(f"**{len(rows)} examples** in the region" in m.value for m in at.markdown)
+    # linked view: the region's examples beside the map, ranked by the sidebar's method at the current rank, top one in detail
+    order = scoring.ranking(scoring.scores(run, "gist", run.k_max))
+    expected = [i for i in ids[order] if i in set(ids[rows])]
+    assert list(at.dataframe[0].value["id"]) == expected[: len(at.dataframe[0].value)]
+    assert any(m.value == f"#### `{expected[0]}`" for m in at.markdown)  # the detail pane of the region's best example
     at.button(key="map_exclude").click().run()
     assert_clean(at)
     edits = load_edits(run_dir)
-    assert edits[-1]["op"] == "exclude" and sorted(edits[-1]["ids"]) == sorted(chosen)
-    assert edits[-1]["origin"]["kind"] == "map"
+    assert edits[-1]["op"] == "exclude" and sorted(edits[-1]["ids"]) == sorted(ids[rows].tolist())
+    assert edits[-1]["origin"]["kind"] == "map" and edits[-1]["origin"]["detail"]["modes"] == ["box"]
     after = export_ids(at, tmp_path / "after.jsonl")
-    assert not set(chosen) & set(after) and len(after) == len(before)
+    assert not set(ids[rows]) & set(after) and len(after) == len(before)
+
+
+def test_map_region_opens_in_examples_as_a_filter(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = open_run(run_dir)
+    at = app(run_dir, monkeypatch, "map")
+    wait_for_map(at)
+    region, rows = map_region(run)
+    select_region(at, region)
+    button(at, "Show them in Examples").click().run()
+    assert_clean(at)
+    assert at.title[0].value == "Examples"
+    ids = run.train["id"].to_numpy()
+    order = scoring.ranking(scoring.scores(run, "gist", run.k_max))
+    assert table_ids(at) == [i for i in ids[order] if i in set(ids[rows])][:100]
+    assert any(f"**{len(rows):,}** of {run.train.height:,} examples match" in m.value and "map region" in m.value for m in at.markdown)
+    at.switch_page("views/examples.py")  # AppTest keeps its own page for later runs; a browser follows st.switch_page's URL
+    button(at, "Clear map filter").click().run()
+    assert len(table_ids(at)) == 100 and any(f"**{run.train.height:,}** of" in m.value for m in at.markdown)
+
+
+def _fake_map_job(run_dir: Path):
+    """A process that looks like `gist-curate map` (as compute starts it), with its pid file and progress."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "gist_backend.cli", "map"], start_new_session=True)
+    (run_dir / "map.pid").write_text(str(proc.pid))
+    (run_dir / "maps").mkdir(exist_ok=True)
+    (run_dir / "maps" / "progress.json").write_text(json.dumps({"stage": "UMAP map", "done": 0, "total": 1, "updated": time.time() - 65}))
+    return proc
+
+
+def test_map_waits_for_the_background_map_job(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh run whose `gist-curate map` still runs: the Map shows its progress and waits, starting no fit of its own."""
+    import threading
+
+    from gist_backend.curation.maps import umap_map
+
+    shutil.rmtree(run_dir / "maps", ignore_errors=True)
+    proc = _fake_map_job(run_dir)
+    try:
+        at = app(run_dir, monkeypatch, "map")
+        assert any("computed in the background by `gist-curate map`" in i.value and "Running for 1 min" in i.value for i in at.info)
+        assert not at.get("plotly_chart")
+        assert not [t for t in threading.enumerate() if t.name.startswith("gist-map-")], "the view started a fit beside the background job"
+        assert not list((run_dir / "maps").glob("*.safetensors"))
+        umap_map(open_run(run_dir), 16)  # what the background job writes when it finishes
+    finally:
+        proc.kill()
+        proc.wait()
+    (run_dir / "maps" / "progress.json").write_text(json.dumps({"stage": "complete", "status": "complete", "done": 1, "total": 1, "updated": time.time()}))
+    at.run()
+    assert_clean(at)
+    assert at.get("plotly_chart") and not at.info
+
+
+def test_map_of_a_large_pool_keeps_its_layout_when_the_rank_moves(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above AUTO_FIT_UP_TO a rank change shows the cached layout (colours follow the slider) and fits only on request."""
+    import threading
+
+    from dashboard import mapjobs
+
+    at = app(run_dir, monkeypatch, "map")
+    wait_for_map(at)
+    monkeypatch.setattr(mapjobs, "AUTO_FIT_UP_TO", 10)
+    at.sidebar.slider(key="rank").set_value(8).run()
+    assert_clean(at)
+    assert at.get("plotly_chart") and any("The layout is the map of rank 16" in c.value for c in at.caption)
+    assert not [t for t in threading.enumerate() if t.name == "gist-map-r8"]
+    assert not (run_dir / "maps" / "umap-synthetic-r8.safetensors").exists()
+    button(at, "Fit the rank-8 layout").click().run()
+    wait_for_map_rank(at, run_dir, 8)
+
+
+def wait_for_map_rank(at: AppTest, run_dir: Path, rank: int, timeout: float = 240) -> None:
+    """Rerun until the map of ``rank`` is cached and shown."""
+    deadline = time.time() + timeout
+    while not (run_dir / "maps" / f"umap-synthetic-r{rank}.safetensors").exists() or any("The layout is the map" in c.value for c in at.caption):
+        assert time.time() < deadline, "the map was not fitted in time"
+        assert_clean(at)
+        time.sleep(1)
+        at.run()
+    assert any(f"Layout: rank {rank}." in c.value for c in at.caption)
 
 
 # ---------------------------------------------------------------- export, compare, runs
@@ -337,34 +441,75 @@ def test_compute_form_validation_and_job_lifecycle(run_dir: Path, monkeypatch: p
 # ---------------------------------------------------------------- helpers without Streamlit
 
 
-def test_map_figure_density_mode_keeps_ids_in_customdata() -> None:
+def test_map_figure_points_and_raster() -> None:
     from dashboard.figures import figure_bytes, map_figure
-    from dashboard.filters import points_in_region
 
     rng = np.random.default_rng(0)
     xy = rng.normal(size=(3000, 2)).astype(np.float32)
-    ids = np.array([f"ex-{i}" for i in range(3000)], dtype=object)
-    fig = map_figure(xy, ids, "score", rng.random(3000), xy[:5], xy[:2], ["a", "b"], max_points=500, density_above=1000)
-    kinds = [t.type for t in fig.data]
-    assert kinds[0] == "heatmap"  # density of every point under the sampled overlay
-    drawn = [t for t in fig.data if t.customdata is not None]
-    assert sum(len(t.customdata) for t in drawn) == 500
-    assert set(drawn[0].customdata) <= set(ids)
-    small = map_figure(xy[:800], ids[:800], "source", np.array(["s1", "s2"] * 400, dtype=object))
-    assert "heatmap" not in [t.type for t in small.data] and sum(len(t.customdata) for t in small.data if t.customdata is not None) == 800
-    assert figure_bytes(small) < 1_000_000
+    scores = rng.random(3000)
+    small = map_figure(xy[:800], "source", np.array(["s1", "s2"] * 400, dtype=object), labels=np.array([f"ex-{i}" for i in range(800)]))
+    drawn = [t for t in small.data if t.customdata is not None]
+    assert [t.name for t in drawn] == ["s1", "s2"]
+    assert sorted(np.concatenate([t.customdata for t in drawn]).tolist()) == list(range(800))  # row numbers
+    assert all(t.text[0] == f"ex-{t.customdata[0]}" for t in drawn)  # ids on hover
+    # raster: every point binned, mean score per cell, blank cells empty
+    fig = map_figure(xy, "score", scores, xy[:5], xy[:2], ["a", "b"], points_up_to=1000, bins=(40, 30))
+    heat = fig.data[0]
+    assert heat.type == "heatmap" and np.asarray(heat.z).shape == (30, 40)
+    counts = np.asarray(heat.customdata)
+    assert counts.sum() == 3000 and np.isnan(np.asarray(heat.z, float)[counts == 0]).all()
+    top = np.unravel_index(np.argmax(counts), counts.shape)
+    cx, cy = heat.x[top[1]], heat.y[top[0]]
+    w, h = (xy.max(0) - xy.min(0)) / (40, 30)
+    near = (np.abs(xy[:, 0] - cx) <= w / 2 + 1e-6) & (np.abs(xy[:, 1] - cy) <= h / 2 + 1e-6)
+    assert abs(float(heat.z[top]) - scores[near].mean()) < 1e-4
+    assert [t.name for t in fig.data[1:]] == ["validation", "sub-task centroids"]
+    # categories: majority source per cell, the rarest selection state where present
+    states = np.array(["not selected"] * 3000, dtype=object)
+    states[7] = "excluded by hand"
+    raster = map_figure(xy, "selection state", states, points_up_to=1000, bins=(40, 30), categories=["selected", "not selected", "excluded by hand"])
+    z = np.asarray(raster.data[0].z, float)
+    assert np.nansum(z == 2) == 1 and list(raster.data[0].colorbar.ticktext) == ["selected", "not selected", "excluded by hand"]
+    # size: a 270k pool is a few hundred kB, not megabytes
+    big = rng.normal(size=(270_000, 2)).astype(np.float32)
+    assert figure_bytes(map_figure(big, "score", rng.random(270_000))) < 500_000
+    assert figure_bytes(map_figure(big, "source", rng.integers(0, 5, 270_000), categories=list("abcde"))) < 500_000
+
+
+def test_points_in_region_matches_brute_force() -> None:
+    from dashboard.filters import points_in_region, region_mask
+
+    rng = np.random.default_rng(1)
+    xy = rng.normal(size=(5000, 2))
+    xy[:50] = np.round(xy[:50], 1)  # points on vertices' rows
+    for trial in range(20):
+        k = int(rng.integers(3, 40))
+        angles = np.sort(rng.random(k)) * 2 * np.pi
+        radius = rng.uniform(0.3, 2.0, k)
+        poly = {"kind": "lasso", "x": (radius * np.cos(angles)).round(1).tolist(), "y": (radius * np.sin(angles)).round(1).tolist()}
+        xs, ys = np.asarray(poly["x"]), np.asarray(poly["y"])
+        brute = np.zeros(len(xy), dtype=bool)
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(np.roll(xs, -1), np.roll(ys, -1))):  # even-odd, every point and edge
+            with np.errstate(divide="ignore", invalid="ignore"):
+                brute ^= ((y0 > xy[:, 1]) != (y1 > xy[:, 1])) & (xy[:, 0] < (x1 - x0) * (xy[:, 1] - y0) / (y1 - y0) + x0)
+        assert (points_in_region(xy, poly) == brute).all(), trial
+        assert (points_in_region(xy, poly, np.argsort(xy[:, 1], kind="stable")) == brute).all()
     box = points_in_region(xy, {"kind": "box", "x": [0, 1], "y": [0, 1]})
     assert box.sum() == int(((xy >= 0) & (xy <= 1)).all(axis=1).sum())
     lasso = points_in_region(xy, {"kind": "lasso", "x": [0, 1, 1, 0], "y": [0, 0, 1, 1]})
     assert (lasso == box).mean() > 0.99
+    both = region_mask(xy, [{"kind": "box", "x": [0, 1], "y": [0, 1]}, {"kind": "box", "x": [-1, 0], "y": [-1, 0]}])
+    assert both.sum() == box.sum() + int(((xy >= -1) & (xy <= 0)).all(axis=1).sum())
 
 
 def test_selection_ids_read_dict_style() -> None:
-    from dashboard.events import selection_ids
+    from dashboard.events import selection_ids, selection_rows
 
     event = {"selection": {"points": [{"customdata": "a"}, {"customdata": ["b", 1]}, {"customdata": "a"}, {"x": 1}], "box": [], "lasso": []}}
     assert selection_ids(event) == ["a", "b"]
     assert selection_ids({"selection": {"points": []}}) == [] and selection_ids(None) == []
+    rows = {"selection": {"points": [{"customdata": 7}, {"customdata": [3]}, {"customdata": 7}, {"customdata": 99}, {"customdata": "x"}, {"customdata": True}]}}
+    assert selection_rows(rows, 10).tolist() == [3, 7] and selection_rows(None, 10).size == 0
 
 
 def test_export_outside_the_allowed_folders_is_refused(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory) -> None:

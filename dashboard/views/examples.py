@@ -47,6 +47,16 @@ with st.container(border=True):
     c[2].slider("Score", lo_score, hi_score, key="f_score", step=0.01)
     c[3].slider("Length (tokens)", lo_len, hi_len, key="f_length")
 
+region = ss.get("f_map")  # a Map selection sent here ("Show them in Examples")
+if region is not None and region.get("run") != backend.run_key(run):
+    region = ss["f_map"] = None
+if region is not None:
+    c = st.columns([5, 1], vertical_alignment="center")
+    c[0].markdown(f":material/scatter_plot: Showing only the {session.escape(region['label'])}.")
+    if c[1].button("Clear map filter", key="f_map_clear", icon=":material/close:", width="stretch"):
+        ss["f_map"] = None
+        st.rerun()
+
 flt = filters.ExampleFilter(
     text=ss.get("f_text", "").strip(),
     regex=bool(ss.get("f_regex")),
@@ -55,19 +65,20 @@ flt = filters.ExampleFilter(
     score_range=None if tuple(ss["f_score"]) == (lo_score, hi_score) else tuple(ss["f_score"]),
     length_range=None if tuple(ss["f_length"]) == (lo_len, hi_len) else tuple(ss["f_length"]),
     state=ss.get("f_state", "all"),
+    region=region["label"] if region else "",
 )
 try:
     hits = backend.text_hits(run, flt.text, flt.regex)
 except ValueError as err:
     session.show_error(err)
     hits = np.zeros(run.train.height, dtype=bool)
-mask = filters.filter_mask(run.train, scores, tasks, selected, edit_state, flt, hits)
+mask = filters.filter_mask(run.train, scores, tasks, selected, edit_state, flt, hits, region["rows"] if region else None)
 rows = filters.ranked_rows(order, mask)
 
 # ---------------------------------------------------------------- bulk actions
 bulk = st.columns([3, 1, 1, 1], vertical_alignment="center")
 bulk[0].markdown(f"**{len(rows):,}** of {run.train.height:,} examples match ({session.escape(flt.label())}) · **{int(selected[rows].sum()):,}** of them selected")
-origin = flt.describe() | {"rank": session.rank(), "method": method}
+origin = flt.describe() | {"rank": session.rank(), "method": method} | ({"map": region["origin"]} if region else {})
 for col, op, icon in zip(bulk[1:], ("include", "exclude", "reset"), (":material/add_circle:", ":material/remove_circle:", ":material/restart_alt:")):
     if col.button(f"{op.capitalize()} all {len(rows):,}", key=f"bulk_{op}", icon=icon, disabled=not len(rows), width="stretch",
                   help=f"{op.capitalize()} every example matching the current filter (recorded with the filter; undo in the sidebar)."):  # fmt: skip
@@ -76,46 +87,53 @@ for col, op, icon in zip(bulk[1:], ("include", "exclude", "reset"), (":material/
         st.rerun()
 
 # ---------------------------------------------------------------- table + detail
-left, right = st.columns([5, 3], gap="medium")
-with left:
-    p = st.columns([1, 1, 2], vertical_alignment="bottom")
-    size = p[0].selectbox("Rows per page", PAGE_SIZES, key="page_size")
-    pages = max(1, -(-len(rows) // size))
-    page = p[1].number_input("Page", 1, pages, 1, key=f"page_{pages}")
-    start = (page - 1) * size
-    view = rows[start : start + size]
-    p[2].caption(f"Ranks {start + 1:,}–{start + len(view):,} of the {len(rows):,} matching")
-    table = filters.ranked_table(run.train, run.text, view, positions, scores, tasks, selected, edit_state)
-    table_key = "tbl_" + hashlib.sha1(repr((flt, session.rank(), method, page, size)).encode()).hexdigest()[:10]
-    event = st.dataframe(
-        table,
-        key=table_key,
-        hide_index=True,
-        on_select="rerun",
-        selection_mode="single-row",
-        height=560,
-        width="stretch",
-        column_config={
-            "position": st.column_config.NumberColumn("position", width="small", help="Position in the full ranking"),
-            "score": st.column_config.ProgressColumn("score", format="%.3f", min_value=lo_score, max_value=hi_score, width="small"),
-            "included": st.column_config.CheckboxColumn("included?", width="small"),
-            "length": st.column_config.NumberColumn("length", width="small"),
-            "edit": st.column_config.TextColumn("edit", width="small", help="Set by hand: include / exclude"),
-            "source": st.column_config.TextColumn("source", width="small"),
-            "task": st.column_config.TextColumn("task", width="small", help="Sub-task the example aligns with most"),
-            "text": st.column_config.TextColumn("text", width="large"),
-        },
-    )
-    picked = event["selection"]["rows"] if event else []
-    if picked:
-        ss["detail_id"] = table["id"][picked[0]]
-    elif ss.get("detail_id") is None and table.height:
-        ss["detail_id"] = table["id"][0]
 
-with right:
-    detail = ss.get("detail_id")
-    row = backend.row_of(run, detail) if detail else None
-    if row is None:
-        st.info("Select a row in the table to see the example.")
-    else:
-        detail_pane(run, detail, int(positions[row]), float(scores[row]), bool(selected[row]))
+
+def table_and_detail() -> None:
+    """The ranked page and the detail pane; a fragment, so picking a row or a page reruns only this part."""
+    left, right = st.columns([5, 3], gap="medium")
+    with left:
+        p = st.columns([1, 1, 2], vertical_alignment="bottom")
+        size = p[0].selectbox("Rows per page", PAGE_SIZES, key="page_size")
+        pages = max(1, -(-len(rows) // size))
+        page = p[1].number_input("Page", 1, pages, 1, key=f"page_{pages}")
+        start = (page - 1) * size
+        view = rows[start : start + size]
+        p[2].caption(f"Ranks {start + 1:,}–{start + len(view):,} of the {len(rows):,} matching")
+        table = filters.ranked_table(run.train, run.text, view, positions, scores, tasks, selected, edit_state)
+        table_key = "tbl_" + hashlib.sha1(repr((flt, session.rank(), method, page, size, len(rows))).encode()).hexdigest()[:10]
+        event = st.dataframe(
+            table,
+            key=table_key,
+            hide_index=True,
+            on_select="rerun",
+            selection_mode="single-row",
+            height=560,
+            width="stretch",
+            column_config={
+                "position": st.column_config.NumberColumn("position", width="small", help="Position in the full ranking"),
+                "score": st.column_config.ProgressColumn("score", format="%.3f", min_value=lo_score, max_value=hi_score, width="small"),
+                "included": st.column_config.CheckboxColumn("included?", width="small"),
+                "length": st.column_config.NumberColumn("length", width="small"),
+                "edit": st.column_config.TextColumn("edit", width="small", help="Set by hand: include / exclude"),
+                "source": st.column_config.TextColumn("source", width="small"),
+                "task": st.column_config.TextColumn("task", width="small", help="Sub-task the example aligns with most"),
+                "text": st.column_config.TextColumn("text", width="large"),
+            },
+        )
+        picked = event["selection"]["rows"] if event else []
+        if picked:
+            ss["detail_id"] = table["id"][picked[0]]
+        elif ss.get("detail_id") is None and table.height:
+            ss["detail_id"] = table["id"][0]
+
+    with right:
+        detail = ss.get("detail_id")
+        row = backend.row_of(run, detail) if detail else None
+        if row is None:
+            st.info("Select a row in the table to see the example.")
+        else:
+            detail_pane(run, detail, int(positions[row]), float(scores[row]), bool(selected[row]))
+
+
+st.fragment(table_and_detail)()

@@ -1,83 +1,152 @@
-"""Map: UMAP of the training coordinates at the current rank; lasso or box a region to include or exclude it."""
+"""Map: UMAP of the pool's GIST coordinates; lasso or box a region to read its examples, ranked, and include or exclude them."""
 
 from __future__ import annotations
 
-from concurrent.futures import CancelledError
+import hashlib
+import json
 
 import numpy as np
 import streamlit as st
 
-from dashboard import backend, events, filters, mapjobs, session, ui
+from dashboard import backend, events, filters, jobs, mapjobs, session, ui
+from dashboard.detail import detail_pane
+from dashboard.figures import MAP_BINS, POINTS_UP_TO
+from gist_backend.curation.maps import FIT_SAMPLE
 
 COLOURS = ("score", "source", "selection state")
-DENSITY_ABOVE = 100_000
-WAIT_S = 2.0  # a cached map loads within this; longer means a fresh UMAP is running in the background
+REGION_ROWS = 200  # rows of a region listed beside the map (the rest: "Show in Examples")
 
 run = ui.require_run()
-ui.header("Map", "Each point is a pool example placed by UMAP from its GIST coordinates at the current rank; crosses are validation examples, stars the sub-task centroids.")
-job = mapjobs.map_job(run)
-try:
-    job.result(timeout=WAIT_S)
-except TimeoutError:
-    pass
-except CancelledError:  # another session moved the rank of this run meanwhile: ask again
-    job = mapjobs.map_job(run)
-except Exception as err:  # the backend's reason, not a trace
-    session.show_error(err, "The map could not be computed")
-    st.stop()
+n_pool = run.train.height
+ui.header("Map", "Each pool example is placed by UMAP from its GIST coordinates (crosses: validation examples; stars: sub-task centroids). "
+                 "Lasso or box a region to list its examples, best first, and read or edit them.")  # fmt: skip
 
 
-def map_panel() -> None:
-    """The map and its actions; a fragment, so selecting points does not redraw the rest of the app."""
-    r = session.rank()
-    if job.done():
-        if st.session_state.pop("_map_waiting", None):
-            st.rerun(scope="app")  # the map just finished: redraw without the polling timer
-        map_rank, xy = r, job.result()
+def _fit_words() -> str:
+    """What a fit of this pool does, in words."""
+    if n_pool <= FIT_SAMPLE:
+        return f"UMAP of {n_pool:,} points"
+    return f"UMAP of {FIT_SAMPLE:,} sampled points, the other {n_pool - FIT_SAMPLE:,} placed from their nearest fitted neighbours"
+
+
+def waiting_panel() -> None:
+    """Progress of the fit the view waits for; reruns the app when the map is ready (a polling fragment)."""
+    state = mapjobs.map_state(run, session.rank())
+    if state.waiting is None:
+        st.rerun(scope="app")
+    if state.waiting == "background":
+        job = state.job
+        since = job.progress.get("updated") if job else None
+        st.info(f"The map is being computed in the background by `gist-curate map` (started when the compute completed; pid {job.pid if job else '—'}): "
+                f"{_fit_words()}. Running for {jobs.format_age(since).removesuffix(' ago')}. This view waits for it rather than starting "
+                "a second fit, and shows the map as soon as it is cached; the other views stay usable.", icon=":material/hourglass_top:")  # fmt: skip
+        st.caption(f"Stage: {session.escape(job.progress.get('stage', 'starting') if job else 'starting')} · log: {session.code(run.path / 'map.log')}")
     else:
-        st.session_state["_map_waiting"] = True
-        latest = mapjobs.latest_map(run)
-        st.info(f"Computing the map at rank {r} in the background (UMAP of {run.train.height:,} points; it is cached per rank once done). "
-                + (f"Showing the map of rank {latest[0]} meanwhile." if latest else "Other views stay usable meanwhile."),
+        st.info(f"Computing the map at rank {session.rank()} in the background ({_fit_words()}; it is cached in the run once done). "
+                + (f"Showing the map of rank {state.rank} meanwhile." if state.xy is not None else "Other views stay usable meanwhile."),
                 icon=":material/hourglass_top:")  # fmt: skip
-        if latest is None:
-            return
-        map_rank, xy = latest
-    colour = st.segmented_control("Colour by", COLOURS, key="map_colour", required=True)
-    fig = mapjobs.map_figure(run, map_rank, xy, colour, DENSITY_ABOVE)
-    event = st.plotly_chart(fig, key="map_chart", on_select="rerun", selection_mode=("box", "lasso"),
-                            config={"displaylogo": False, "modeBarButtonsToRemove": ["toImage"]})  # fmt: skip
-    ids = run.train["id"].to_numpy()
-    method = backend.score_method(backend.method(run))
-    st.caption(
-        f"Colour: {colour}{f' ({session.METHOD_LABELS[method]}, rank {r})' if colour == 'score' else ''}. "
-        "Drag to lasso (or pick the box tool in the toolbar) to select a region, then include or exclude it below. "
-        + (f"Above {DENSITY_ABOVE:,} points a density background is drawn under a sample of points; a region then covers every point inside it." if len(ids) > DENSITY_ABOVE else "")
-    )
-    chosen = events.selection_ids(event)
+
+
+def _selected_rows(event, xy: dict, map_rank: int) -> tuple[np.ndarray, list[dict]]:
+    """Rows inside the drawn regions (every pool example, also those a raster cell stands for); else the points picked."""
     regions = events.selection_regions(event)
-    if len(ids) > DENSITY_ABOVE and regions:  # the drawn points are a sample: take every point inside the region
-        inside = np.zeros(len(ids), dtype=bool)
-        for region in regions:
-            inside |= filters.points_in_region(xy["train_xy"], region)
-        chosen = list(dict.fromkeys(chosen + ids[inside].tolist()))
-    with st.container(border=True):
-        if not chosen:
-            st.markdown("**No points selected.** Lasso or box a region of the map.")
-            return
-        sel_mask = np.isin(ids, chosen)
-        now_selected = backend.selected_mask(run)
-        by_hand = backend.edit_state(run)
-        n_in, n_out = (sum(by_hand.get(i) == op for i in chosen) for op in ("include", "exclude"))
-        by_hand_text = [f"{n:,} {op} by hand" for n, op in ((n_in, "included"), (n_out, "excluded")) if n]
-        st.markdown(" · ".join([f"**{len(chosen):,} examples** in the region", f"{int(now_selected[sel_mask].sum()):,} currently selected", *by_hand_text]))
-        origin = {"rank": r, "map_rank": map_rank, "colour": colour, "modes": [g["kind"] for g in regions] or ["points"], "count": len(chosen)}
-        cols = st.columns(3)
-        for col, op in zip(cols, ("include", "exclude", "reset")):
-            if col.button(f"{op.capitalize()} {len(chosen):,}", key=f"map_{op}", width="stretch", type="primary" if op == "exclude" else "secondary"):
-                backend.add_edit(run, op, chosen, "map", origin)
-                st.toast(f"{op}: {len(chosen):,} examples from the map")
-                st.rerun(scope="app")
+    if regions:
+        return mapjobs.region_rows(run, map_rank, xy, regions), regions
+    return events.selection_rows(event, n_pool), []
 
 
-st.fragment(map_panel, run_every=None if job.done() else 2)()
+def map_panel(map_rank: int, xy: dict) -> None:
+    """The map and the region's examples beside it; a fragment, so a selection reruns only this part of the page."""
+    left, right = st.columns([3, 2], gap="medium")
+    with left:
+        colour = st.segmented_control("Colour by", COLOURS, key="map_colour", required=True) or COLOURS[0]
+        fig = mapjobs.map_figure(run, map_rank, xy, colour)
+        event = st.plotly_chart(fig, key="map_chart", on_select="rerun", selection_mode=("box", "lasso"),
+                                config={"displaylogo": False, "modeBarButtonsToRemove": ["toImage"]})  # fmt: skip
+        method = backend.score_method(backend.method(run))
+        drawn = (f"{n_pool:,} examples binned into {MAP_BINS[0]}×{MAP_BINS[1]} cells, each coloured by the "
+                 + ("mean score" if colour == "score" else "most common source" if colour == "source" else "rarest selection state")
+                 + " of its examples (hover for the count); a region takes every example inside it.") if n_pool > POINTS_UP_TO else "Hover a point for its id."  # fmt: skip
+        st.caption(f"Layout: rank {map_rank}. Colour: {colour}" + (f" ({session.METHOD_LABELS[method]}, rank {session.rank()})" if colour == "score" else "")
+                   + f". {drawn} Drag to lasso, or pick the box tool in the toolbar; double-click clears.")  # fmt: skip
+    rows, regions = _selected_rows(event, xy, map_rank)
+    with right:
+        region_panel(rows, regions, map_rank, colour)
+
+
+def region_panel(rows: np.ndarray, regions: list[dict], map_rank: int, colour: str) -> None:
+    """The selected region: counts, include / exclude / reset, Show in Examples, its examples ranked, and one in detail."""
+    ss = st.session_state
+    if not len(rows):
+        st.markdown("**No region selected.** Lasso or box a region of the map: its examples are listed here, best first, "
+                    "with the same detail pane as the Examples view.")  # fmt: skip
+        return
+    method = backend.method(run)
+    scores = backend.scores(run, backend.score_method(method))
+    order, positions = backend.ordering(run, method)
+    try:
+        selected = backend.selected_mask(run)
+    except ValueError as err:  # e.g. more forced includes than the budget: keep the map usable to fix it
+        session.show_error(err, "No selection at these settings")
+        selected = np.zeros(n_pool, dtype=bool)
+    in_region = np.zeros(n_pool, dtype=bool)
+    in_region[rows] = True
+    edit_state = backend.edit_state(run)
+    by_hand = {"include": 0, "exclude": 0}
+    for example_id, op in edit_state.items():
+        row = run.row_index.get(example_id)
+        if row is not None and in_region[row]:
+            by_hand[op] += 1
+    parts = [f"**{len(rows):,} examples** in the region", f"{int(selected[rows].sum()):,} currently selected"]
+    parts += [f"{n:,} {op}d by hand" for op, n in by_hand.items() if n]
+    st.markdown(" · ".join(parts))
+    origin = {"rank": session.rank(), "map_rank": map_rank, "colour": colour, "modes": [g["kind"] for g in regions] or ["points"], "count": len(rows)}
+    for col, op in zip(st.columns(3), ("include", "exclude", "reset")):
+        if col.button(f"{op.capitalize()} {len(rows):,}", key=f"map_{op}", width="stretch", type="primary" if op == "exclude" else "secondary"):
+            backend.add_edit(run, op, run.train["id"].gather(rows.astype(np.int64)).to_list(), "map", origin)
+            st.toast(f"{op}: {len(rows):,} examples from the map")
+            st.rerun(scope="app")
+    label = f"map region: {len(rows):,} examples ({', '.join(origin['modes'])} on the rank-{map_rank} map)"
+    if st.button("Show them in Examples", key="map_to_examples", icon=":material/table_rows:", width="stretch",
+                 help="Open the Examples view filtered to this region (search and filter further there; clear the filter to leave it)."):  # fmt: skip
+        ss["f_map"] = {"rows": rows.copy(), "label": label, "origin": origin, "run": backend.run_key(run)}
+        st.switch_page("views/examples.py")
+    ranked = filters.ranked_rows(order, in_region)
+    view = ranked[:REGION_ROWS]
+    region_key = hashlib.sha1(json.dumps(regions, sort_keys=True).encode() + rows[:64].tobytes()).hexdigest()[:10]
+    table = filters.ranked_table(run.train, run.text, view, positions, scores, None, selected, edit_state, preview_chars=100)
+    event = st.dataframe(table, key=f"map_tbl_{region_key}_{session.rank()}_{method}", hide_index=True, on_select="rerun",
+                         selection_mode="single-row", height=260, width="stretch",
+                         column_config={"position": st.column_config.NumberColumn("position", width="small", help="Position in the full ranking"),
+                                        "score": st.column_config.NumberColumn("score", format="%.3f", width="small"),
+                                        "included": st.column_config.CheckboxColumn("included?", width="small"),
+                                        "text": st.column_config.TextColumn("text", width="medium")})  # fmt: skip
+    st.caption(f"The region's examples by {session.METHOD_LABELS[backend.score_method(method)]} at rank {session.rank()}"
+               + (f" (the top {REGION_ROWS} of {len(rows):,}; *Show them in Examples* for all)." if len(rows) > REGION_ROWS else "."))  # fmt: skip
+    picked = event["selection"]["rows"] if event else []
+    if picked:
+        ss["map_detail_id"] = table["id"][picked[0]]
+    elif ss.get("_map_region") != region_key or backend.row_of(run, ss.get("map_detail_id", "")) is None:
+        ss["map_detail_id"] = table["id"][0]
+    ss["_map_region"] = region_key
+    detail = ss["map_detail_id"]
+    row = backend.row_of(run, detail)
+    if row is not None:
+        detail_pane(run, detail, int(positions[row]), float(scores[row]), bool(selected[row]), key="map_detail")
+
+
+state = mapjobs.map_state(run, session.rank())
+if state.waiting:
+    st.fragment(waiting_panel, run_every=2)()
+elif state.error is not None:
+    session.show_error(state.error, "The map could not be computed")
+if state.xy is None:
+    st.stop()
+if state.rank != session.rank() and not state.waiting:
+    c = st.columns([4, 1], vertical_alignment="center")
+    c[0].caption(f"The layout is the map of rank {state.rank}; colours and the region's ranking follow the slider (rank {session.rank()}). "
+                 f"A layout of rank {session.rank()} means a new fit ({_fit_words()}).")  # fmt: skip
+    if c[1].button(f"Fit the rank-{session.rank()} layout", key="map_fit", icon=":material/refresh:", width="stretch"):
+        mapjobs.map_state(run, session.rank(), fit=True)
+        st.rerun()
+st.fragment(map_panel)(state.rank, state.xy)
