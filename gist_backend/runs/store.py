@@ -45,6 +45,7 @@ from .manifest import FORMAT, FORMAT_VERSION, check_files, has_sketches, read_ma
 DEFAULT_ROOT = Path("cache")
 TABLE_COLUMNS = ("row", "id", "source", "task", "n_tokens", "n_response_tokens", "text", "raw", "file", "line")
 LIGHT_COLUMNS = ("row", "id", "source", "task", "n_tokens", "n_response_tokens")  # read on open; text and raw on demand
+RESIDENT_MAX_BYTES = 2 << 30  # unit coordinates up to this size are kept in memory as float32 once scored (Run.resident_unit_coords)
 _STRING_COLUMNS = ("id", "source", "task", "text", "raw")
 
 
@@ -201,6 +202,14 @@ class Run:
         """(sorted source names, int64 code per pool row into them)."""
         source = self.train["source"].cast(pl.String)
         return source.unique().sort().to_list(), (source.rank("dense") - 1).to_numpy().astype(np.int64)
+
+    @cached_property
+    def resident_unit_coords(self) -> np.ndarray:
+        """The unit coordinates as one float32 array in memory (the float16 memmap if that would exceed RESIDENT_MAX_BYTES):
+        converted once, so scoring at another rank reads and converts nothing (about 4x faster at 270k rows)."""
+        if self.unit_coords.size * 4 > RESIDENT_MAX_BYTES:
+            return self.unit_coords
+        return np.asarray(self.unit_coords, dtype=np.float32)
 
     @cached_property
     def train_coords(self) -> np.ndarray:
