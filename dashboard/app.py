@@ -37,13 +37,17 @@ PAGES = {
 }
 
 page = st.navigation(PAGES)
-render_sidebar()
+run = render_sidebar()
 try:
     page.run()
 except Exception as err:  # a view failed: say why, keep the trace out of the way
     session.show_error(err, f"{page.title} could not be drawn")
     with st.expander("Technical details"):
         st.exception(err)
+if run is not None:  # once per run, after its first page: load in the background what later clicks read
+    from dashboard.backend import prefetch
+
+    prefetch(run)
 # server-side wall and CPU time of this run (read by bench/dashboard_server.py)
 st.session_state["_script_seconds"] = (time.perf_counter() - _started, time.thread_time() - _cpu)
 if os.environ.get("GIST_DASH_TIMING"):  # one line per script run on stderr, for profiling a live server

@@ -55,3 +55,8 @@ class HostCheck:
 
 
 app = st.App(str(Path(__file__).with_name("app.py")), middleware=[Middleware(HostCheck)])
+
+if os.environ.get("GIST_RUN_DIR"):  # the first page after opening is then drawn from warm caches
+    from dashboard.warmup import start
+
+    start(os.environ["GIST_RUN_DIR"])

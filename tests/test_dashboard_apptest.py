@@ -502,6 +502,16 @@ def test_points_in_region_matches_brute_force() -> None:
     assert both.sum() == box.sum() + int(((xy >= -1) & (xy <= 0)).all(axis=1).sum())
 
 
+def test_scores_are_the_same_from_the_float32_copy(base_run: Path) -> None:
+    """The dashboard scores from Run.resident_unit_coords once made (prefetch); the numbers must not change."""
+    run = open_run(base_run)
+    assert run.scoring_unit_coords is run.unit_coords and run.unit_coords.dtype == np.float16
+    before = {(m, r): scoring.scores(run, m, r) for m in ("gist", "gist-global") for r in (1, 5, run.k_max)}
+    assert run.resident_unit_coords.dtype == np.float32 and run.scoring_unit_coords is run.resident_unit_coords
+    for (m, r), values in before.items():
+        np.testing.assert_array_equal(scoring.scores(run, m, r), values)
+
+
 def test_selection_ids_read_dict_style() -> None:
     from dashboard.events import selection_ids, selection_rows
 

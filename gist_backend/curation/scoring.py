@@ -44,7 +44,7 @@ def task_scores(run: Run, rank: int | None = None, method: str = "gist") -> tupl
         norms = {"coord_norms": run.coord_norms, "grad_norms": run.grad_norms}
     elif method != "gist":
         raise ValueError(f"per-task scores exist for gist and gist-global, not {method!r}")
-    return gist_task_scores(run.resident_unit_coords, run.val_coords, run.val_tasks, run.gist_weights, rank, **norms)
+    return gist_task_scores(run.scoring_unit_coords, run.val_coords, run.val_tasks, run.gist_weights, rank, **norms)
 
 
 def scores(run: Run, method: str = "gist", rank: int | None = None, seed: int = 0) -> np.ndarray:

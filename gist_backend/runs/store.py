@@ -45,7 +45,7 @@ from .manifest import FORMAT, FORMAT_VERSION, check_files, has_sketches, read_ma
 DEFAULT_ROOT = Path("cache")
 TABLE_COLUMNS = ("row", "id", "source", "task", "n_tokens", "n_response_tokens", "text", "raw", "file", "line")
 LIGHT_COLUMNS = ("row", "id", "source", "task", "n_tokens", "n_response_tokens")  # read on open; text and raw on demand
-RESIDENT_MAX_BYTES = 2 << 30  # unit coordinates up to this size are kept in memory as float32 once scored (Run.resident_unit_coords)
+RESIDENT_MAX_BYTES = 2 << 30  # the largest float32 copy of the unit coordinates kept in memory (Run.resident_unit_coords)
 _STRING_COLUMNS = ("id", "source", "task", "text", "raw")
 
 
@@ -210,6 +210,11 @@ class Run:
         if self.unit_coords.size * 4 > RESIDENT_MAX_BYTES:
             return self.unit_coords
         return np.asarray(self.unit_coords, dtype=np.float32)
+
+    @property
+    def scoring_unit_coords(self) -> np.ndarray:
+        """What scoring reads: ``resident_unit_coords`` once something (the dashboard) has made it, else the memmap."""
+        return self.__dict__.get("resident_unit_coords", self.unit_coords)
 
     @cached_property
     def train_coords(self) -> np.ndarray:
