@@ -9,8 +9,9 @@ computed with that P holds, in distribution). Against the fresh run for the adde
 
 * fidelity: Spearman of the GIST and GIST-global scores over the pool, Jaccard of the top 5 %, and LESS's
   largest difference (exact: the same pool sketches);
-* speed: CPU seconds of add-target against those of the fresh compute (written by bench/quality.py as
-  ``<run>.compute-cost.json``); CPU time, because the machine is shared;
+* speed: CPU seconds of add-target against those of a fresh compute (written by bench/quality.py as
+  ``<run>.compute-cost.json``; the added target's run, else the base run's, which did the same work on the
+  same pool); CPU time, because the machine is shared;
 * store: bytes per pool example of the base run with and without the reusable sketch.
 
 Run bench/quality.py --stage compute for both targets first (options this script does not know, such as
@@ -86,9 +87,11 @@ def main(argv: list[str] | None = None) -> dict:
                              f"{' '.join(quality_args)}` first")  # fmt: skip
         runs[target] = (files, run_dir)
     (_, base_dir), (added_files, fresh_dir) = runs[args.base], runs[args.added]
-    fresh = open_run(fresh_dir)
-    full_dim = int(fresh.manifest["reusable"]["dim"])
-    same_adapter = bool(np.array_equal(read_npy(open_run(base_dir).paths["train_sketch"]), read_npy(fresh.paths["train_sketch"])))
+    fresh, base = open_run(fresh_dir), open_run(base_dir)
+    if not base.manifest.get("reusable"):
+        raise SystemExit(f"{base_dir} was computed without --reusable: recompute it, or add to the other run (--base {args.added} --added {args.base})")
+    full_dim = int(base.manifest["reusable"]["dim"])
+    same_adapter = bool(np.array_equal(read_npy(base.paths["train_sketch"]), read_npy(fresh.paths["train_sketch"])))
     work = Path(args.work_dir) / f"add-target-{args.base}+{args.added}"
     if work.exists():
         shutil.rmtree(work)
@@ -109,8 +112,10 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append([dim, figures["gist_spearman"], figures["gist_top_jaccard"], figures["gist-global_spearman"],
                      figures["gist-global_top_jaccard"], figures["less_max_abs_diff"], cpu, wall])  # fmt: skip
         print(f"P={dim}: {json.dumps(figures)}", flush=True)
-    cost_file = fresh_dir.with_name(fresh_dir.name + ".compute-cost.json")
-    fresh_cost = json.loads(cost_file.read_text()) if cost_file.exists() else None
+    # the fresh compute's own cost, else the base run's: the same pool, recipe and validation size, so the same work
+    costs = [d.with_name(d.name + ".compute-cost.json") for d in (fresh_dir, base_dir)]
+    cost_file = next((c for c in costs if c.exists()), costs[0])
+    fresh_cost = json.loads(cost_file.read_text()) | {"file": cost_file.name} if cost_file.exists() else None
     out["fresh_compute"] = fresh_cost
     out["store"] = store = store_bytes(base_dir)
     print(table(rows, ["P", "GIST spearman", f"GIST top {args.top:.0%} jaccard", "GIST-global spearman", "GIST-global jaccard",
@@ -120,9 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     headline |= {f"add_target_top5_jaccard_p{d}": f["gist_top_jaccard"] for d, f in out["by_dim"].items()}
     if fresh_cost:
         headline["add_target_vs_fresh_cpu_ratio"] = full["cpu_s"] / fresh_cost["cpu_s"]
-        print(f"add-target {full['cpu_s']:.0f} CPU s against a fresh compute's {fresh_cost['cpu_s']:.0f} CPU s")
+        print(f"add-target {full['cpu_s']:.0f} CPU s against a fresh compute's {fresh_cost['cpu_s']:.0f} CPU s ({cost_file.name})")
     else:
-        print(f"no {cost_file.name}: the fresh run was not computed by bench/quality.py in one go, so there is no speed reference")
+        print("no <run>.compute-cost.json: neither run was computed by bench/quality.py in one go, so there is no speed reference")
     headline |= {"store_bytes_per_example_reusable": store["with_reusable"], "store_bytes_per_example_plain": store["without_reusable"]}
     if not same_adapter:
         print("warning: the two runs' LESS sketches differ, so their adapters differ and the fidelity figures mix both effects")

@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"bench": "quality", "machine": machine(), "options": vars(args), "run_dir": str(run_dir), "compute_timings": run.manifest.get("timings")}
     out["in_domain"] = retrieval = in_domain(run, FAMILY[args.target], args.budget)
     print(table([[m, f"{100 * v:.1f} %"] for m, v in retrieval.items() if isinstance(v, float)], ["method", f"{FAMILY[args.target]} share"]))
-    headline = {f"quality_in_domain_{m.replace('-', '_')}_share": v for m, v in retrieval.items() if isinstance(v, float)}
+    headline = {"quality_in_domain_pool_share": retrieval["pool_share"]}
+    headline |= {f"quality_in_domain_{m.replace('-', '_')}_share": v for m, v in retrieval.items() if isinstance(v, float) and m != "pool_share"}
     if args.stage == "all":
         from gist_backend.evaluate import EvalRecipe, evaluate, report_table
 
