@@ -189,9 +189,18 @@ def _figure(key: str, map_rank: int, score_rank: int, colour: str, method_name: 
     return map_figure(_xy["train_xy"], colour, values, _xy.get("val_xy"), _xy.get("centroid_xy"), names, labels=labels, categories=categories)
 
 
-def map_figure(run: Run, map_rank: int, xy: dict, colour: str):
-    """The Map view's figure for a map computed at ``map_rank`` (cached: a selection rerun does not rebuild it)."""
+def _figure_args(run: Run, map_rank: int, colour: str) -> tuple:
+    """What the Map view's figure depends on (colours follow the slider even on the layout of another rank)."""
     method_name = backend.score_method(backend.method(run))
     sel_key = (backend.method(run), backend.budget(run), session.per_source_cap(), backend.edits_key(run)) if colour == "selection state" else ()
-    # colours follow the slider even while the map of an earlier rank is shown
-    return _figure(backend.run_key(run), map_rank, session.rank(), colour, method_name, sel_key, run, xy)
+    return backend.run_key(run), map_rank, session.rank(), colour, method_name, sel_key
+
+
+def map_figure(run: Run, map_rank: int, xy: dict, colour: str):
+    """The Map view's figure for a map computed at ``map_rank`` (cached: a selection rerun does not rebuild it)."""
+    return _figure(*_figure_args(run, map_rank, colour), run, xy)
+
+
+def figure_key(run: Run, map_rank: int, colour: str) -> str:
+    """Identity of the figure ``map_figure`` draws now (a new one means the chart is drawn afresh, without its selection)."""
+    return repr(_figure_args(run, map_rank, colour))

@@ -299,6 +299,25 @@ def test_map_region_lists_ranked_examples_and_edits(run_dir: Path, monkeypatch: 
     assert not set(ids[rows]) & set(after) and len(after) == len(before)
 
 
+def test_map_region_stays_when_the_rank_moves(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new rank recolours the map (Streamlit starts the chart afresh); the region and its ranked list stay until cleared."""
+    run = open_run(run_dir)
+    at = app(run_dir, monkeypatch, "map")
+    wait_for_map(at)
+    region, rows = map_region(run)
+    select_region(at, region)
+    at.session_state["map_chart"] = {"selection": {"points": [], "point_indices": [], "box": [], "lasso": []}}  # the fresh chart's state
+    at.sidebar.slider(key="rank").set_value(5).run()
+    assert_clean(at)
+    assert any(f"**{len(rows)} examples** in the region" in m.value for m in at.markdown)
+    ids = run.train["id"].to_numpy()
+    order = scoring.ranking(scoring.scores(run, "gist", 5))
+    assert list(at.dataframe[0].value["id"]) == [i for i in ids[order] if i in set(ids[rows])][: len(at.dataframe[0].value)]
+    assert any("drawn before the map was recoloured" in c.value for c in at.caption)
+    at.button(key="map_clear").click().run()
+    assert any("No region selected" in m.value for m in at.markdown)
+
+
 def test_map_region_opens_in_examples_as_a_filter(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = open_run(run_dir)
     at = app(run_dir, monkeypatch, "map")

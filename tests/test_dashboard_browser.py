@@ -16,13 +16,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
 ARTIFACTS = ROOT / "test-artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 pytestmark = [
     pytest.mark.slow,
@@ -224,3 +226,68 @@ def test_browser_end_to_end(server: str, demo_run: Path) -> None:
     assert not excluded & set(exported)
     raws = dict(zip(run.train["id"].to_list(), run.raw.to_list()))
     assert all(json.loads(raws[r["id"]]) == r for r in records)
+
+
+# ---------------------------------------------------------------- a 50k pool
+
+
+@pytest.fixture(scope="module")
+def pool_50k(tmp_path_factory) -> Path:
+    """A 50,000-example synthetic run whose map is being made by `gist-curate map` in the background, as compute leaves it."""
+    from gist_backend.commands import start_map
+    from gist_backend.devkit.synthetic import synthetic_run
+
+    run_dir = Path(synthetic_run(tmp_path_factory.mktemp("browser-50k") / "pool-50k", n_train=50_000, n_val=120, n_tasks=4, k_max=64, n_ckpt=2, seed=2))
+    start_map(run_dir)
+    return run_dir
+
+
+def test_browser_50k_map_waits_then_selects_and_follows_the_rank(pool_50k: Path) -> None:
+    """The Map waits for the background map job, a lasso lists the region's examples ranked (count checked against the
+    cached map), a rank step re-ranks them, and Show in Examples filters the Examples view to them."""
+    from playwright.sync_api import sync_playwright
+
+    from bench import dashboard_browser as bb
+    from dashboard.filters import points_in_region
+    from gist_backend.curation import scoring
+    from gist_backend.curation.maps import cached_map
+    from gist_backend.runs import open_run
+
+    run = open_run(pool_50k)
+    ids = run.train["id"].to_numpy()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p, bb.serve(pool_50k, ARTIFACTS / "streamlit-server-50k.log") as url, bb.browser(p) as page:
+        page.goto(f"{url}/map")
+        page.wait_for_selector('h1:has-text("Map")')
+        assert not bb.deploy_button_shown(page)
+        # still fitting (a UMAP of 20,000 points takes tens of seconds here): the view says so and waits, starting no fit of its own
+        page.wait_for_selector('.js-plotly-plot, [data-testid="stAlert"]:has-text("computed in the background by")', timeout=60_000)
+        if not page.locator(".js-plotly-plot").count():
+            shot(page, "9-map-50k-waiting")
+        page.wait_for_selector(".js-plotly-plot", timeout=400_000)
+        bb.wait_until(page)
+        xy = cached_map(run, run.k_max)["train_xy"]
+        assert (pool_50k / "maps" / "progress.json").exists() and "complete" in (pool_50k / "maps" / "progress.json").read_text()
+
+        seconds, count, _ = bb.select_on_map(page, 0, xy)
+        regions = bb.plotly_regions(page)
+        rows = np.flatnonzero(points_in_region(xy, regions[0]))
+        assert count == len(rows) and 0 < count < run.train.height
+        top = rows[np.argmax(scoring.scores(run, "gist", run.k_max)[rows])]
+        page.wait_for_selector(f'h4:has-text("{ids[top]}")')  # the region's best example, in the detail pane
+        shot(page, "10-map-50k-region")
+
+        thumb = page.locator(SLIDER).first
+        thumb.focus()
+        thumb.press("Home")  # rank 1: the region stays (the map is recoloured), ranked anew
+        bb.wait_until(page, "() => [...document.querySelectorAll('[data-testid=\"stCaptionContainer\"]')].some(e => /examples by .* at rank 1\\b/.test(e.innerText))")
+        assert bb.region_count(page) == count
+        top_1 = rows[np.argmax(scoring.scores(run, "gist", 1)[rows])]
+        page.wait_for_selector(f'h4:has-text("{ids[top_1]}")')
+        shot(page, "11-map-50k-rank-1")
+
+        page.get_by_role("button", name="Show them in Examples").click()
+        page.wait_for_selector('h1:has-text("Examples")')
+        page.get_by_text(f"{count:,} of {run.train.height:,} examples match", exact=False).wait_for()
+        bb.wait_until(page)
+        shot(page, "12-examples-50k-map-filter")

@@ -47,12 +47,20 @@ def waiting_panel() -> None:
                 icon=":material/hourglass_top:")  # fmt: skip
 
 
-def _selected_rows(event, xy: dict, map_rank: int) -> tuple[np.ndarray, list[dict]]:
-    """Rows inside the drawn regions (every pool example, also those a raster cell stands for); else the points picked."""
+def _selected_rows(event, xy: dict, map_rank: int, figure: str) -> tuple[np.ndarray, list[dict], bool]:
+    """(rows, regions, kept): rows inside the drawn regions (every pool example, also those a raster cell stands for),
+    else the points picked. A region stays when the chart is redrawn for a new rank or colouring (Streamlit then
+    starts the chart afresh, without the selection) and goes when the user clears it on the chart it was drawn on."""
+    ss, key = st.session_state, backend.run_key(run)
     regions = events.selection_regions(event)
     if regions:
-        return mapjobs.region_rows(run, map_rank, xy, regions), regions
-    return events.selection_rows(event, n_pool), []
+        ss["map_region"] = {"regions": regions, "map_rank": map_rank, "drawn_on": figure, "run": key}
+        return mapjobs.region_rows(run, map_rank, xy, regions), regions, False
+    stored = ss.get("map_region")
+    if stored and stored["run"] == key and stored["map_rank"] == map_rank and stored["drawn_on"] != figure:
+        return mapjobs.region_rows(run, map_rank, xy, stored["regions"]), stored["regions"], True
+    ss.pop("map_region", None)
+    return events.selection_rows(event, n_pool), [], False
 
 
 def map_panel(map_rank: int, xy: dict) -> None:
@@ -60,7 +68,7 @@ def map_panel(map_rank: int, xy: dict) -> None:
     left, right = st.columns([3, 2], gap="medium")
     with left:
         colour = st.segmented_control("Colour by", COLOURS, key="map_colour", required=True) or COLOURS[0]
-        fig = mapjobs.map_figure(run, map_rank, xy, colour)
+        fig, figure = mapjobs.map_figure(run, map_rank, xy, colour), mapjobs.figure_key(run, map_rank, colour)
         event = st.plotly_chart(fig, key="map_chart", on_select="rerun", selection_mode=("box", "lasso"),
                                 config={"displaylogo": False, "modeBarButtonsToRemove": ["toImage"]})  # fmt: skip
         method = backend.score_method(backend.method(run))
@@ -69,8 +77,12 @@ def map_panel(map_rank: int, xy: dict) -> None:
                  + " of its examples (hover for the count); a region takes every example inside it.") if n_pool > POINTS_UP_TO else "Hover a point for its id."  # fmt: skip
         st.caption(f"Layout: rank {map_rank}. Colour: {colour}" + (f" ({session.METHOD_LABELS[method]}, rank {session.rank()})" if colour == "score" else "")
                    + f". {drawn} Drag to lasso, or pick the box tool in the toolbar; double-click clears.")  # fmt: skip
-    rows, regions = _selected_rows(event, xy, map_rank)
+    rows, regions, kept = _selected_rows(event, xy, map_rank, figure)
     with right:
+        if kept:
+            c = st.columns([3, 1], vertical_alignment="center")
+            c[0].caption("The region drawn before the map was recoloured (its outline is not redrawn).")
+            c[1].button("Clear", key="map_clear", icon=":material/close:", width="stretch", on_click=st.session_state.pop, args=("map_region", None))
         region_panel(rows, regions, map_rank, colour)
 
 
@@ -113,7 +125,7 @@ def region_panel(rows: np.ndarray, regions: list[dict], map_rank: int, colour: s
         st.switch_page("views/examples.py")
     ranked = filters.ranked_rows(order, in_region)
     view = ranked[:REGION_ROWS]
-    region_key = hashlib.sha1(json.dumps(regions, sort_keys=True).encode() + rows[:64].tobytes()).hexdigest()[:10]
+    region_key = hashlib.sha1(json.dumps(regions, sort_keys=True).encode() + rows[:64].tobytes()).hexdigest()[:10]  # the region, not its order
     table = filters.ranked_table(run.train, run.text, view, positions, scores, None, selected, edit_state, preview_chars=100)
     event = st.dataframe(table, key=f"map_tbl_{region_key}_{session.rank()}_{method}", hide_index=True, on_select="rerun",
                          selection_mode="single-row", height=260, width="stretch",
@@ -124,12 +136,10 @@ def region_panel(rows: np.ndarray, regions: list[dict], map_rank: int, colour: s
     st.caption(f"The region's examples by {session.METHOD_LABELS[backend.score_method(method)]} at rank {session.rank()}"
                + (f" (the top {REGION_ROWS} of {len(rows):,}; *Show them in Examples* for all)." if len(rows) > REGION_ROWS else "."))  # fmt: skip
     picked = event["selection"]["rows"] if event else []
-    if picked:
-        ss["map_detail_id"] = table["id"][picked[0]]
-    elif ss.get("_map_region") != region_key or backend.row_of(run, ss.get("map_detail_id", "")) is None:
-        ss["map_detail_id"] = table["id"][0]
-    ss["_map_region"] = region_key
-    detail = ss["map_detail_id"]
+    if picked:  # the row picked stays in the detail pane while the region does (a new rank re-sorts the table)
+        ss["map_detail_pick"] = (region_key, table["id"][picked[0]])
+    pick = ss.get("map_detail_pick")
+    detail = pick[1] if pick and pick[0] == region_key else table["id"][0]  # else the region's best example
     row = backend.row_of(run, detail)
     if row is not None:
         detail_pane(run, detail, int(positions[row]), float(scores[row]), bool(selected[row]), key="map_detail")
