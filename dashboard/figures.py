@@ -152,8 +152,8 @@ def map_figure(
         _map_points(fig, np.asarray(xy, np.float32), colour, np.asarray(values), labels, categories)
     else:
         _map_raster(fig, np.asarray(xy, np.float32), colour, np.asarray(values), categories, bins)
-    marker = go.Scattergl if len(xy) > 3_000 else go.Scatter  # SVG is crisper and needs no WebGL for small maps
     if val_xy is not None and len(val_xy):
+        marker = go.Scattergl if len(val_xy) > 3_000 else go.Scatter  # SVG: no WebGL context (software-rendered without a GPU)
         fig.add_trace(marker(x=np.asarray(val_xy[:, 0], np.float32), y=np.asarray(val_xy[:, 1], np.float32), mode="markers", name="validation",
                              marker=dict(symbol="x", size=7, color="#212121", line=dict(width=1)), hoverinfo="name"))  # fmt: skip
     if centroid_xy is not None and len(centroid_xy):
