@@ -71,7 +71,8 @@ class ComputeConfig:
     less_dim: int = _opt(8192, "random projection size of the LESS/G2IS sketches")
     reusable: bool = _opt(False, "also keep a target-independent sketch of every pool gradient (sketch_dim × 2 bytes per example), so "
                                  "`gist-curate add-target` adds targets without another pass over the pool", execution=True)
-    sketch_dim: int = _opt(8192, "size of the reusable sketch (--reusable)", execution=True)
+    sketch_dim: int = _opt(16384, "size of the reusable sketch (--reusable); 16384 keeps add-target's top 5 % within the goal (bench/RESULTS.md)",
+                           execution=True)  # fmt: skip
     seed: int = _opt(0, "seed of the warmup subset, LoRA init, projection and shuffling")
     dtype: str = _opt("auto", "weights and autocast: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16",
                       choices=("auto", "float32", "bfloat16"))  # fmt: skip
