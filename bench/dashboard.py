@@ -7,8 +7,10 @@ per checkpoint) is written once (reused when the same one is already there), the
   edit       ``curation.add_edit`` (persist one exclude of 10 ids) and then ``selection.select`` with
              the edit log at a 5% budget (what the curator sees after clicking)
   select     ``selection.select`` GIST at a 5% budget with a per-source cap (no new edit)
-  umap       ``maps.umap_map`` at one rank: first (computed; the numba JIT is warmed up beforehand on a
-             5k-point run and reported separately; at > 100k points the transform path still compiles on first use) and cached (read back)
+  umap       ``maps.umap_map`` at one rank: first (computed: UMAP fitted on at most ``maps.FIT_SAMPLE`` points, the rest
+             placed from their fitted neighbours; the numba JIT is warmed up beforehand on a 5k-point run and reported
+             separately) and cached (read back)
+What the browser shows for these actions is timed by ``bench/dashboard_browser.py``.
 Times are medians over --repeats (first call reported separately where it differs: cold caches).
 """
 
@@ -103,7 +105,9 @@ def bench_size(run_dir: Path, n: int, args) -> dict:
         t0 = time.perf_counter()
         umap_map(run, args.umap_rank)
         out["umap_cached_s"] = time.perf_counter() - t0
-        out["umap"] = f"rank {args.umap_rank}, fitted on min(n, 100k) points, rest transformed"
+        from gist_backend.curation.maps import FIT_SAMPLE
+
+        out["umap"] = f"rank {args.umap_rank}, fitted on min(n, {FIT_SAMPLE:,}) points, the rest placed from their fitted neighbours"
     return out
 
 

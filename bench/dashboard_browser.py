@@ -360,7 +360,9 @@ def bench(run_dir: Path, repeats: int, out_dir: Path) -> dict:
             rank = sidebar_rank(page)
             goto_view(page, "Map")
             page.wait_for_selector(".js-plotly-plot", timeout=300_000)
-            wait_until(page)
+            # a pool of up to mapjobs.AUTO_FIT_UP_TO is fitted at the new rank at once: wait for that map (not timed)
+            wait_until(page, "() => ![...document.querySelectorAll('[data-testid=\"stAlert\"]')].some(e => e.innerText.includes('Computing the map'))",
+                       timeout=600)  # fmt: skip
             for i in range(repeats):
                 before = load()
                 seconds, count, expected = select_on_map(page, i, train_xy)

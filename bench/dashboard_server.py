@@ -2,8 +2,9 @@
 
 Measures, with Streamlit's AppTest (no browser), the server-side wall and CPU time of the script
 (recorded by app.py in session state): opening the run, each view (first visit and rerun), a
-rank-slider change on the Examples view (new scores, selection and table), and the size of every
-Plotly figure sent to the browser.
+rank-slider change on the Examples view (new scores, selection and table), a box region on the Map
+(counted, ranked and listed beside it), and the size of every Plotly figure sent to the browser.
+What the browser shows is timed by ``bench/dashboard_browser.py``.
 """
 
 from __future__ import annotations
@@ -76,7 +77,26 @@ def bench(run_dir: str, ranks: tuple[int, ...] = (8, 16, 32, 64, 100, 128), time
     out["map_view"] = _script(at)
     at.run()
     out["map_rerun"] = _script(at)
+    out["map_region"] = _map_region(at, run)
     return out
+
+
+def _map_region(at, run) -> dict:
+    """Server time of a box over the middle half of the map shown (its examples counted, ranked and listed)."""
+    import numpy as np
+
+    from gist_backend.curation.maps import latest_cached_map
+
+    latest = latest_cached_map(run)
+    if latest is None:
+        return {"skipped": "no cached map"}
+    xy = latest[1]["train_xy"]
+    (x0, y0), (x1, y1) = np.percentile(xy, 25, axis=0), np.percentile(xy, 75, axis=0)
+    box = {"xref": "x", "yref": "y", "x": [float(x0), float(x1)], "y": [float(y0), float(y1)]}
+    at.session_state["map_chart"] = {"selection": {"points": [], "point_indices": [], "box": [box], "lasso": []}}
+    at.run()
+    shown = [m.value for m in at.markdown if "in the region" in m.value]
+    return {**_script(at), "map_rank": latest[0], "shown": shown[:1]}
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def coords_figure(coords: np.ndarray, names: Sequence[str]) -> go.Figure:
     return _layout(fig, 280, showlegend=len(names) > 1)
 
 
-POINTS_UP_TO = 20_000  # larger maps are drawn as a raster of bins (see map_figure)
+POINTS_UP_TO = 3_000  # larger maps are drawn as a raster of bins (see map_figure): no WebGL, a figure of a few hundred kB
 MAP_BINS = (200, 160)  # raster cells across and up: about 3 screen pixels each at the Map view's size
 
 
