@@ -51,6 +51,17 @@ def in_domain(run, family: str, budget: str) -> dict:
     return out
 
 
+def in_domain_by_rank(run, family: str, budget: str) -> dict:
+    """The same share for GIST and GIST-global at ranks 1, 2, 4, … k_max and at r90 / r95 (the slider's effect on retrieval)."""
+    from gist_backend.curation import select
+
+    spectrum = run.geometry()["checkpoints"][-1]["spectrum"]
+    ranks = sorted({r for r in (1, 2, 4, 8, 16, 32, 64, spectrum["r90"], spectrum["r95"], run.k_max) if r <= run.k_max})
+    is_family = (run.train["source"] == family).to_numpy()
+    return {m: {r: float(is_family[select(run, method=m, rank=r, budget=budget, edits=[]).rows].mean()) for r in ranks}
+            for m in ("gist", "gist-global")} | {"r90": spectrum["r90"], "r95": spectrum["r95"]}  # fmt: skip
+
+
 def arms(run, budget: str) -> list:
     """The selections evaluated: GIST and GIST-global at k_max, r95 and r90, LESS, G2IS."""
     from gist_backend.curation import select
@@ -117,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"run {run_dir}: pool {run.train.height}, validation {run.val.height}; compute stages (s): {run.manifest.get('timings')}", flush=True)
     out = {"bench": "quality", "machine": machine(), "options": vars(args), "run_dir": str(run_dir), "compute_timings": run.manifest.get("timings")}
     out["in_domain"] = retrieval = in_domain(run, FAMILY[args.target], args.budget)
+    out["in_domain_by_rank"] = by_rank = in_domain_by_rank(run, FAMILY[args.target], args.budget)
+    ranks = list(by_rank["gist"])
+    print(table([[m, *(f"{100 * by_rank[m][r]:.0f} %" for r in ranks)] for m in ("gist", "gist-global")], ["rank", *ranks]))
     print(table([[m, f"{100 * v:.1f} %"] for m, v in retrieval.items() if isinstance(v, float)], ["method", f"{FAMILY[args.target]} share"]))
     headline = {"quality_in_domain_pool_share": retrieval["pool_share"]}
     headline |= {f"quality_in_domain_{m.replace('-', '_')}_share": v for m, v in retrieval.items() if isinstance(v, float) and m != "pool_share"}

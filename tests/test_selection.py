@@ -117,6 +117,20 @@ def test_cap_too_tight_returns_fewer_with_a_warning(run):
     assert len(sel.rows) == 2 * len(set(run.train["source"].to_list())) and "per-source cap" in sel.warnings[-1]
 
 
+def test_ties_at_the_budget_edge_are_reported(run):
+    """Equal scores across the budget's edge are taken in pool order, and the selection says so; no warning without ties."""
+    n = run.train.height
+    tied = np.zeros(n)
+    tied[:10] = 2.0
+    tied[50:250] = 1.0  # 200 examples share the score at the edge of a budget of 20
+    sel = select(run, method="gist", rank=3, budget=20, edits=[], row_scores=tied)
+    assert sel.rows.tolist() == list(range(10)) + list(range(50, 60))  # pool order among the tied
+    assert any("200 examples tie at the last score selected (1)" in w for w in sel.warnings)
+    assert not any("tie" in w for w in select(run, method="gist", rank=3, budget=20, edits=[]).warnings)
+    exact = select(run, method="gist", rank=3, budget=210, edits=[], row_scores=tied)  # every tied example fits
+    assert not any("tie" in w for w in exact.warnings)
+
+
 def test_forced_include_and_exclude(run):
     ids = run.train["id"].to_list()
     row_scores = scores(run, "gist")

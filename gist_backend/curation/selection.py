@@ -151,6 +151,16 @@ def _g2is_fill(run: Run, count: int, knn_k: int, orientation: str, forced_in, ex
 # ----------------------------------------------------------------------------- select
 
 
+def _ties_at_the_edge(row_scores: np.ndarray, chosen: np.ndarray, forced_in: np.ndarray, excluded: np.ndarray) -> tuple[int, float]:
+    """(how many candidates share the lowest score selected by score, when some of them were left out, else 0; that score)."""
+    by_score = np.setdiff1d(chosen, forced_in)
+    if by_score.size == 0:
+        return 0, 0.0
+    edge = row_scores[by_score].min()
+    tied = (row_scores == edge) & ~excluded
+    return (int(tied.sum()), float(edge)) if tied.sum() > tied[by_score].sum() else (0, float(edge))
+
+
 def _rows_of(run: Run, ids: list[str]) -> tuple[np.ndarray, list[str]]:
     """(sorted row numbers of the ids found in the run, ids not in the run)."""
     index = run.row_index
@@ -215,6 +225,10 @@ def select(
             raise ValueError(f"row_scores has shape {row_scores.shape}, expected ({n},)")
         order = ranking(row_scores)
         chosen, capped = fill(order, count, forced_in, excluded, codes, len(names), cap)
+        tie, edge = _ties_at_the_edge(row_scores, chosen, forced_in, excluded)
+        if tie:
+            notes.append(f"{tie} examples tie at the last score selected ({edge:.4g}); the budget takes them in pool order"
+                         + ("; at rank 1 GIST's cosine is ±1 for every example: use a higher rank or gist-global" if method == "gist" and rank == 1 else ""))  # fmt: skip
     position = np.full(n, n, np.int64)
     position[order] = np.arange(order.size)
     chosen = chosen[np.lexsort((chosen, position[chosen]))]
