@@ -45,7 +45,7 @@ except Exception as err:  # a view failed: say why, keep the trace out of the wa
     with st.expander("Technical details"):
         st.exception(err)
 if run is not None:  # once per run, after its first page: load in the background what later clicks read
-    from dashboard.backend import prefetch
+    from dashboard.warmup import prefetch
 
     prefetch(run)
 # server-side wall and CPU time of this run (read by bench/dashboard_server.py)

@@ -392,22 +392,3 @@ def warm(path: str) -> None:
         _ = run.row_index
     except Exception:  # noqa: BLE001 (the first page opens the run again and shows the reason)
         return
-
-
-@st.cache_resource(max_entries=4, show_spinner=False)
-def _prefetch(key: str, _run: Run):
-    import threading
-
-    def load() -> None:
-        _ = _run.resident_unit_coords  # scores at another rank then read no file and convert nothing
-        _ = _run.text, _run.raw  # read by Examples, Map and Export on first use: 0.4 s each at 270k rows
-
-    thread = threading.Thread(target=load, name="gist-prefetch", daemon=True)
-    thread.start()
-    return thread
-
-
-def prefetch(run: Run) -> None:
-    """Load, once per run and in the background, what later clicks read: float32 coordinates and the text columns
-    (app.py calls it after a page is drawn, so it does not compete with the first one)."""
-    _prefetch(run_key(run), run)
