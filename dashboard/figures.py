@@ -158,7 +158,7 @@ def map_figure(
                              marker=dict(symbol="x", size=7, color="#212121", line=dict(width=1)), hoverinfo="name"))  # fmt: skip
     if centroid_xy is not None and len(centroid_xy):
         fig.add_trace(go.Scatter(x=np.asarray(centroid_xy[:, 0], np.float32), y=np.asarray(centroid_xy[:, 1], np.float32), mode="markers+text",
-                                 name="sub-task centroids", text=list(centroid_names), textposition="top center",
+                                 name="sub-task centroids", text=[plain(n) for n in centroid_names], textposition="top center",
                                  marker=dict(symbol="star", size=16, color="#FFD600", line=dict(color="#212121", width=1)),
                                  hovertemplate="%{text}<extra>centroid</extra>"))  # fmt: skip
     fig.update_layout(dragmode="lasso", uirevision="map", legend=dict(itemsizing="constant"), plot_bgcolor="#FFFFFF")
@@ -169,6 +169,11 @@ def map_figure(
 
 def _category_colour(colour: str, categories: Sequence[str], i: int) -> str:
     return STATE_COLOURS.get(categories[i], PALETTE[i % len(PALETTE)]) if colour == "selection state" else PALETTE[i % len(PALETTE)]
+
+
+def plain(text: object) -> str:
+    """User text (ids, sources, task names) for Plotly labels: its pseudo-HTML tags shown as text, not followed."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _codes(values: np.ndarray, categories: Sequence[str]) -> np.ndarray:
@@ -187,7 +192,7 @@ def _map_points(fig: go.Figure, xy: np.ndarray, colour: str, values: np.ndarray,
     size = 4 if n > 20_000 else 6 if n > 2_000 else 8
     scatter = go.Scattergl if n > 3_000 else go.Scatter
     hover = "%{text}" if labels is not None else "row %{customdata}"
-    text = np.asarray(labels).astype(str) if labels is not None else None
+    text = np.array([plain(label) for label in np.asarray(labels).tolist()], dtype=object) if labels is not None else None
     if colour == "score":
         fig.add_trace(scatter(x=xy[:, 0], y=xy[:, 1], mode="markers", name="training examples", customdata=rows, text=text,
                               marker=dict(size=size, color=values.astype(np.float32), colorscale="Viridis", opacity=0.8,
@@ -199,9 +204,9 @@ def _map_points(fig: go.Figure, xy: np.ndarray, colour: str, values: np.ndarray,
         pick = codes == i
         if not pick.any():
             continue
-        fig.add_trace(scatter(x=xy[pick, 0], y=xy[pick, 1], mode="markers", name=str(cat), customdata=rows[pick],
+        fig.add_trace(scatter(x=xy[pick, 0], y=xy[pick, 1], mode="markers", name=plain(cat), customdata=rows[pick],
                               text=None if text is None else text[pick], marker=dict(size=size, color=_category_colour(colour, categories, i), opacity=0.8),
-                              hovertemplate=hover + "<br>" + str(cat).replace("%", "%%") + "<extra></extra>"))  # fmt: skip
+                              hovertemplate=hover + "<br>%{fullData.name}<extra></extra>"))  # fmt: skip
 
 
 def _map_raster(fig: go.Figure, xy: np.ndarray, colour: str, values: np.ndarray, categories, bins: tuple[int, int]) -> None:
@@ -239,7 +244,7 @@ def _map_raster(fig: go.Figure, xy: np.ndarray, colour: str, values: np.ndarray,
     z[empty] = np.nan
     scale = [[edge, _category_colour(colour, categories, i)] for i in range(k) for edge in (i / k, (i + 1) / k)]
     fig.add_trace(go.Heatmap(z=z.reshape(ny, nx), colorscale=scale, zmin=-0.5, zmax=k - 0.5,
-                             colorbar=dict(title=colour, thickness=12, tickvals=list(range(k)), ticktext=[str(c) for c in categories]),
+                             colorbar=dict(title=colour, thickness=12, tickvals=list(range(k)), ticktext=[plain(c) for c in categories]),
                              hovertemplate="%{customdata:,} examples<extra></extra>", **common))  # fmt: skip
 
 

@@ -489,6 +489,11 @@ def test_map_figure_points_and_raster() -> None:
     raster = map_figure(xy, "selection state", states, points_up_to=1000, bins=(40, 30), categories=["selected", "not selected", "excluded by hand"])
     z = np.asarray(raster.data[0].z, float)
     assert np.nansum(z == 2) == 1 and list(raster.data[0].colorbar.ticktext) == ["selected", "not selected", "excluded by hand"]
+    # user text in labels is shown, not followed as Plotly's pseudo-HTML
+    hostile = map_figure(xy[:4], "source", np.array(['<a href="javascript:x">s</a>', "b"] * 2, dtype=object), xy[:1], xy[:1], ["<b>t</b>"],
+                         labels=np.array(["<img src=x>"] * 4))  # fmt: skip
+    assert hostile.data[0].name == '&lt;a href="javascript:x"&gt;s&lt;/a&gt;' and hostile.data[0].text[0] == "&lt;img src=x&gt;"
+    assert "<b>" not in str(hostile.data[-1].text) and "javascript" not in hostile.data[0].hovertemplate
     # size: a 270k pool is a few hundred kB, not megabytes
     big = rng.normal(size=(270_000, 2)).astype(np.float32)
     assert figure_bytes(map_figure(big, "score", rng.random(270_000))) < 500_000
