@@ -291,3 +291,86 @@ def test_browser_50k_map_waits_then_selects_and_follows_the_rank(pool_50k: Path)
         page.get_by_text(f"{count:,} of {run.train.height:,} examples match", exact=False).wait_for()
         bb.wait_until(page)
         shot(page, "12-examples-50k-map-filter")
+
+
+# ---------------------------------------------------------------- a real model: many targets and an evaluation
+
+
+def test_browser_add_target_switch_combine_and_evaluate(tiny_llama, tmp_path: Path) -> None:
+    """On a tiny-model --reusable run: add a target from the Runs page, switch to it in the sidebar, compare the
+    targets, export one selection for both, and evaluate the selection in the background, all in the browser."""
+    from playwright.sync_api import sync_playwright
+
+    from bench import browser as bb
+    from dashboard import jobs
+    from gist_backend.compute import ComputeConfig, compute
+    from gist_backend.curation import Part, combine
+    from gist_backend.devkit.tiny import make_toy_data
+    from gist_backend.runs import open_run
+
+    pool, val = make_toy_data(tmp_path / "data", n_train=40, n_val=10)
+    other, test = tmp_path / "data" / "animals.jsonl", tmp_path / "data" / "test.jsonl"
+    other.write_text("".join(json.dumps({"id": f"a{i}", "messages": [{"role": "user", "content": f"How many legs has animal {i}?"},
+                                                                      {"role": "assistant", "content": f"{i % 5} legs."}]}) + "\n" for i in range(10)))  # fmt: skip
+    test.write_text("".join(json.dumps({"id": f"t{i}", "messages": [{"role": "user", "content": f"What is {100 + i} plus 1?"},
+                                                                     {"role": "assistant", "content": f"{101 + i}."}],
+                                        "choices": [f"{101 + i}.", f"{102 + i}."], "answer_index": 0}) + "\n" for i in range(6)))  # fmt: skip
+    run_dir = Path(compute(ComputeConfig(model=str(tiny_llama), train=[str(pool)], val=[str(val)], k_max=6, warmup_epochs=1, warmup_fraction=0.2,
+                                         warmup_batch=4, max_len=64, methods=["gist", "less"], less_dim=128, reusable=True, sketch_dim=1024),
+                           tmp_path / "runs" / "tiny"))  # fmt: skip
+    out = tmp_path / "exports" / "both.jsonl"
+    ARTIFACTS.mkdir(exist_ok=True)
+    os.environ["GIST_ALLOWED_DIRS"] = str(tmp_path)  # the server inherits it: data, runs and exports live under tmp_path
+    try:
+        with (sync_playwright() as p, bb.serve(run_dir, ARTIFACTS / "streamlit-server-targets.log") as url, bb.browser(p) as page,
+              bb.screenshot_on_failure(page, ARTIFACTS / "dashboard-targets-failure.png")):
+            page.goto(url)
+            page.wait_for_selector('h1:has-text("Runs")')
+            bb.wait_until(page)
+            page.get_by_role("textbox", name="Validation file(s) of the new target, one per line").fill(str(other))
+            page.get_by_role("textbox", name="Target name").fill("animals")
+            page.get_by_role("button", name="Add the target").click()
+            page.get_by_role("button", name="Open animals").wait_for(timeout=240_000)  # the job panel refreshes every 2 s
+            assert jobs.job_status(run_dir, "add-target").state == "complete"
+            page.get_by_role("button", name="Open animals").click()
+            bb.wait_until(page)
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            sidebar.get_by_text("validation (animals)", exact=False).wait_for()
+            assert len(open_run(run_dir).targets) == 2 and open_run(run_dir).targets[-1] == "animals"
+            shot(page, "13-runs-target-added")
+
+            goto_view(page, "Compare")
+            page.get_by_role("heading", name="Across targets").wait_for()
+            shot(page, "14-compare-across-targets")
+
+            goto_view(page, "Export")
+            page.get_by_text("Serve several targets").click()
+            bb.wait_until(page)
+            page.get_by_role("textbox", name="Write to path").fill(str(out))
+            page.get_by_role("button", name="Write", exact=True).click()
+            page.get_by_text("Wrote", exact=False).wait_for()
+            shot(page, "15-export-combined")
+
+            goto_view(page, "Evaluate")
+            page.get_by_role("textbox", name="Held-out test file").fill(str(test))
+            page.get_by_role("button", name="Evaluate the current selection").click()
+            page.get_by_text("Evaluating in the background", exact=False).wait_for()
+            deadline = time.time() + 300
+            while jobs.job_status(run_dir, "evaluate").state == "running":
+                assert time.time() < deadline, jobs.log_tail(run_dir, "evaluate")
+                time.sleep(1)
+            assert jobs.job_status(run_dir, "evaluate").state == "complete", jobs.log_tail(run_dir, "evaluate")
+            page.reload()
+            page.wait_for_selector('h1:has-text("Evaluate")')
+            page.wait_for_selector(".js-plotly-plot")
+            bb.wait_until(page)
+            shot(page, "16-evaluate")
+    finally:
+        os.environ.pop("GIST_ALLOWED_DIRS", None)
+    targets = open_run(run_dir).targets
+    manifest = json.loads(out.with_name(out.name + ".manifest.json").read_text())
+    assert manifest["method"] == "combined" and [p["target"] for p in manifest["method_info"]["parts"]] == targets
+    expected = combine(run_dir, [Part(t, "gist", 6, 1) for t in targets], 2, edits=[])
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == expected.ids
+    result = next(json.loads(p.read_text()) for p in (run_dir / "evals").glob("*.json"))
+    assert result["target"] == "animals" and [a["name"] for a in result["arms"]][:2] == ["gist-r6", "base"]

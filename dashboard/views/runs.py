@@ -119,7 +119,8 @@ def _add_target_panel(run) -> None:
             st.progress(job.fraction, text=f"{esc(p.get('stage', 'starting'))}: {p.get('done', 0):,} / {p.get('total', 0):,}")
         elif job.state == "complete":
             added = [t for t in open_run(run.path).targets if t not in run.targets] or run.targets[-1:]
-            button.button(f"Open {added[0]}", key="open-added-target", icon=":material/swap_horiz:", on_click=_switch_target, args=(added[0],))
+            if button.button(f"Open {added[0]}", key="open-added-target", icon=":material/swap_horiz:", on_click=_switch_target, args=(added[0],)):
+                st.rerun(scope="app")  # the panel is a fragment: redraw the sidebar and the run's facts too
         else:
             st.error(esc(job.error or job.state, inline=False), icon=":material/error:")
         with st.expander("Log (last lines)", expanded=job.state in ("failed", "stopped")):
