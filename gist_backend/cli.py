@@ -80,7 +80,14 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``recipe`` sets the compute defaults of a published recipe (explicit flags still win)."""
     parser = argparse.ArgumentParser(prog="gist-curate", description="Targeted instruction-data selection by gradient geometry.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_compute_commands(sub, recipe)
+    _add_curation_commands(sub)
+    _add_report_commands(sub)
+    return parser
 
+
+def _add_compute_commands(sub, recipe: str | None) -> None:
+    """compute, add-target and map: the commands that run the model or fit maps (all resumable)."""
     p = sub.add_parser("compute", help="compute a run: gradients, subspace, coordinates (resumable)")
     add_compute_flags(p)
     p.add_argument("--recipe", choices=list(RECIPES), default=None,
@@ -92,6 +99,22 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     if recipe:
         p.set_defaults(**RECIPES[recipe])
 
+    p = sub.add_parser("add-target", help="add a target to a --reusable run without another pass over the pool (resumable)")
+    p.add_argument("--run-dir", required=True, help="a finished run computed with --reusable")
+    p.add_argument("--val", required=True, nargs="+", help="the new target's validation file(s); an optional 'task' field names sub-tasks")
+    p.add_argument("--name", required=True, help="the target's name (letters, digits, '.', '_', '-')")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per gradient batch (default: the run's)")
+    p.add_argument("--sketch-dim", type=int, default=None,
+                   help="use only this many of the run's sketch coordinates: what a run computed with a smaller --sketch-dim would give")
+
+    p = sub.add_parser("map", help="compute (and cache) the UMAP map of a run's coordinates at a rank, for the Map view")
+    _add_run(p)
+    p.add_argument("--rank", type=int, default=None, help="subspace rank (default k_max)")
+
+
+def _add_curation_commands(sub) -> None:
+    """scores, select, combine, edit and compare: everything read from a finished run without the model."""
     p = sub.add_parser("scores", help="write id,score CSV")
     _add_run(p)
     _add_scoring(p)
@@ -134,6 +157,9 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--targets", default=None, help="comma-separated targets for --across-targets (default: all)")
     p.add_argument("--method", default="gist", choices=METHODS, help="the method of --across-targets")
 
+
+def _add_report_commands(sub) -> None:
+    """evaluate, info, demo and serve."""
     p = sub.add_parser("evaluate", help="fine-tune on a selection, random selections and none; score a held-out test set")
     _add_run(p)
     p.add_argument("--test", required=True, help="held-out target records (JSONL etc.); 'choices' + 'answer_index' give accuracy")
@@ -146,19 +172,6 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result here")
-
-    p = sub.add_parser("add-target", help="add a target to a --reusable run without another pass over the pool (resumable)")
-    p.add_argument("--run-dir", required=True, help="a finished run computed with --reusable")
-    p.add_argument("--val", required=True, nargs="+", help="the new target's validation file(s); an optional 'task' field names sub-tasks")
-    p.add_argument("--name", required=True, help="the target's name (letters, digits, '.', '_', '-')")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per gradient batch (default: the run's)")
-    p.add_argument("--sketch-dim", type=int, default=None,
-                   help="use only this many of the run's sketch coordinates: what a run computed with a smaller --sketch-dim would give")
-
-    p = sub.add_parser("map", help="compute (and cache) the UMAP map of a run's coordinates at a rank, for the Map view")
-    _add_run(p)
-    p.add_argument("--rank", type=int, default=None, help="subspace rank (default k_max)")
 
     p = sub.add_parser("info", help="summary of a run: spectrum, coupling, stores, top examples (--json for scripts)")
     _add_run(p)
@@ -178,7 +191,6 @@ def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8501)
     p.add_argument("--address", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--allow-host", action="append", default=[], help="also accept this Host header (default: loopback names only)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
