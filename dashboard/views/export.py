@@ -43,7 +43,10 @@ def combine_form():
 
 run = ui.require_run()
 method = backend.method(run)
-ui.header("Export", f"The final selection — {ui.settings_line(run)}, with every curation edit applied — ready to train on.")
+if len(run.targets) > 1 and st.session_state.get("combine_on"):
+    ui.header("Export", f"One selection for several targets of the run (budget {backend.budget(run)}), with every curation edit applied — ready to train on.")
+else:
+    ui.header("Export", f"The final selection — {ui.settings_line(run)}, with every curation edit applied — ready to train on.")
 
 combining = len(run.targets) > 1 and st.toggle("Serve several targets", key="combine_on",
                                                help="One selection for several targets of this run: each target gets a share of the budget.")  # fmt: skip
