@@ -131,9 +131,10 @@ def test_killed_overwrite_leaves_the_old_run_readable(base, tmp_path):
     old = scores(open_run(run), "gist")
     marker = tmp_path / "started"
     cfg = _config(base["model"], base["pool"], base["val"], k_max=3)
-    proc = multiprocessing.get_context("fork").Process(target=_overwrite_child, args=((cfg, run, marker),))
+    # spawn, not fork: a child forked after torch's or polars' thread pools started can hang in them
+    proc = multiprocessing.get_context("spawn").Process(target=_overwrite_child, args=((cfg, run, marker),))
     proc.start()
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while not marker.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert marker.exists()

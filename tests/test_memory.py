@@ -44,7 +44,7 @@ def test_plan_of_an_8b_model_at_the_papers_recipe():
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from gist_backend.devkit.tiny import make_tiny_model, make_toy_data
     from gist_backend.engine.grads import iter_gradients, lora_factors
     from gist_backend.engine.model import attach_lora, load_model
@@ -57,13 +57,16 @@ CHILD = textwrap.dedent(
     pool, _ = make_toy_data(folder + "/d", n_train=batch, n_val=2)
     examples, _ = tokenize_records(load_records(pool)[0], tok, 48)
     d = sum(m.weight.numel() for _, m in lora_factors(model))
-    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    status = lambda field: int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
     for _ in iter_gradients(model, examples[:1], tok.pad_token_id, show_bar=False):
         pass
-    before = peak()
+    # measure from now: reset the high-water mark to the current RSS, so no earlier transient peak hides the batch
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
     sizes = [len(i) for i, _, _ in iter_gradients(model, examples, tok.pad_token_id, max_batch=batch, show_bar=False)]
     tokens = len(examples) * max(len(e.input_ids) for e in examples)
-    print(json.dumps({"d": d, "sizes": sizes, "growth": peak() - before, "tokens": tokens}))
+    print(json.dumps({"d": d, "sizes": sizes, "growth": status("VmHWM:") - before, "tokens": tokens}))
     """
 )
 
