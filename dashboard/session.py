@@ -23,6 +23,7 @@ BUDGET_MODE = "budget_mode"
 BUDGET_COUNT = "budget_count"
 BUDGET_PCT = "budget_pct"
 RUNS_ROOT = "runs_root"
+SHOW_COMPUTE_FORM = "show_compute_form"  # the Runs page's "Compute a new run" toggle
 EDIT_SCOPE = "edit_only_target"  # True: new curation edits apply to the open target only
 # Widget keys whose values must survive visiting a page that does not draw them.
 PERSISTENT = (RUNS_ROOT, TARGET, EDIT_SCOPE, RANK, METHOD, BUDGET_MODE, BUDGET_COUNT, BUDGET_PCT, "cap_on", "cap_mode", "cap_count", "cap_pct",

@@ -123,6 +123,18 @@ def test_no_run_open_points_to_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert any("No run is open" in i.value for i in at.info)
 
 
+def test_runs_page_offers_the_compute_form_when_there_is_nothing_to_open(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("GIST_RUN_DIR", raising=False)
+    monkeypatch.setenv("GIST_ALLOWED_DIRS", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    (tmp_path / "runs").mkdir()
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.session_state["runs_root"] = str(tmp_path / "runs")
+    at.run()
+    assert_clean(at)
+    assert at.toggle(key="show_compute_form").value and [b for b in at.button if b.label == "Start computing"]
+
+
 def test_broken_run_shows_reason_not_trace(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = run_dir / "targets" / "synthetic" / "gist_unit.npy"
     path.write_bytes(path.read_bytes()[:100])
@@ -431,6 +443,8 @@ def test_compute_form_validation_and_job_lifecycle(run_dir: Path, monkeypatch: p
     from gist_backend.config import ComputeConfig
 
     at = app(run_dir, monkeypatch)
+    assert not [b for b in at.button if b.label == "Start computing"]  # with a run open, the form waits for its toggle
+    at.toggle(key="show_compute_form").set_value(True).run()
     submit = [b for b in at.button if b.label == "Start computing"][0]
     submit.click().run()
     assert not at.exception and any("Give a model" in plain(e.value) for e in at.error)
@@ -567,6 +581,7 @@ def test_compute_form_refuses_paths_outside_the_allowed_folders(run_dir: Path, m
     outside = tmp_path_factory.mktemp("outside")
     (outside / "pool.jsonl").write_text("{}\n")
     at = app(run_dir, monkeypatch)
+    at.toggle(key="show_compute_form").set_value(True).run()
     at.text_input(key="cf_tool defaults_model").set_value("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub id is not a path
     at.text_area(key="cf_tool defaults_train").set_value(str(outside / "pool.jsonl"))
     at.text_area(key="cf_tool defaults_val").set_value("../../" + str(outside / "val.jsonl"))

@@ -169,8 +169,11 @@ with right:
                 st.rerun()
 
 # ---------------------------------------------------------------- compute
-st.subheader("Compute a new run", anchor=False)
-config, name, problems = forms.compute_form()
+# The form (25 widgets) is drawn only when asked for: most visits open a run, and the page paints sooner without it.
+if not st.toggle("Compute a new run", value=not runs and run is None, key=session.SHOW_COMPUTE_FORM):
+    config, name, problems = None, "", []
+else:
+    config, name, problems = forms.compute_form()
 if config is not None:
     if problems:
         st.error("\n".join(f"- {esc(p)}" for p in problems), icon=":material/error:")
