@@ -29,6 +29,27 @@ def load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def cpu_busy(window: float = 0.5) -> float:
+    """Share of all cores busy over the next ``window`` seconds (from /proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(window)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet_cpu(max_busy: float = 0.25, timeout: float = 30) -> float:
+    """Wait until the machine is mostly idle (the server's background loading done); returns the seconds waited."""
+    t0 = time.perf_counter()
+    while cpu_busy() > max_busy and time.perf_counter() - t0 < timeout:
+        pass
+    return time.perf_counter() - t0
+
+
 def free_port() -> int:
     """A free loopback TCP port."""
     with socket.socket() as s:

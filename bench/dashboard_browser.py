@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.browser import (  # noqa: E402
-    ARGS, CHROMIUM, browser, deploy_button_shown, goto_view, load, screenshot_on_failure, serve, server_times, wait_until,
+    ARGS, CHROMIUM, browser, deploy_button_shown, goto_view, load, screenshot_on_failure, serve, server_times, wait_for_quiet_cpu, wait_until,
 )
 from bench.common import machine, result_lines, table, write_json  # noqa: E402
 
@@ -75,7 +75,8 @@ def time_open(page, url: str) -> float:
 
 def open_samples(playwright, run_dir: Path, log: Path, app: Path | None = None) -> dict[str, float]:
     """One server start: the first open right after its health check (a new browser profile; server caches cold), a
-    second new profile (warm server, empty browser cache), and that browser reloading (both warm).
+    second new profile once the machine is quiet again (warm server, its background loading done; empty browser
+    cache), and that browser reloading (both warm).
 
     With ``app`` (a one-line Streamlit script) the same is measured on it instead: Streamlit's own floor.
     """
@@ -83,6 +84,8 @@ def open_samples(playwright, run_dir: Path, log: Path, app: Path | None = None) 
     with serve(run_dir, log, app=app) as url:
         with browser(playwright) as page:
             out["cold"] = time_open(page, url)
+        # a running server has finished loading in the background what the first page started (warmup.prefetch)
+        out["waited_for_quiet_s"] = wait_for_quiet_cpu()
         with browser(playwright) as page:
             out["first_visit"] = time_open(page, url)
             out["reload"] = time_open(page, url)
