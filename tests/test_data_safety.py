@@ -178,15 +178,22 @@ def _hold_lock(args):
         time.sleep(60)
 
 
+def _start_holder(run: Path, scope: str, ready: Path):
+    """A process holding the run's ``scope`` lock, started and ready (spawned: a fork could hang, see above)."""
+    holder = multiprocessing.get_context("spawn").Process(target=_hold_lock, args=((run, scope, ready),))
+    holder.start()
+    deadline = time.time() + 120
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    assert ready.exists(), "the lock holder did not start"
+    return holder
+
+
 def test_second_writer_fails_fast_naming_the_holder_and_a_dead_holder_frees_the_lock(base, tmp_path):
     run = tmp_path / "run"
     ready = tmp_path / "ready"
-    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=((run, "run", ready),))
     run.mkdir()
-    holder.start()
-    deadline = time.time() + 30
-    while not ready.exists() and time.time() < deadline:
-        time.sleep(0.02)
+    holder = _start_holder(run, "run", ready)
     start = time.time()
     with pytest.raises(RunError, match=rf"is busy: gist-curate compute \(test\) \(pid {holder.pid}"):
         compute(_config(base["model"], base["pool"], base["val"]), run)
@@ -203,10 +210,7 @@ def test_edits_wait_for_a_brief_writer_but_not_forever(base, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(base["run"], run)
     ready = tmp_path / "ready"
-    holder = multiprocessing.get_context("fork").Process(target=_hold_lock, args=((run, "edits", ready),))
-    holder.start()
-    while not ready.exists():
-        time.sleep(0.02)
+    holder = _start_holder(run, "edits", ready)
     with pytest.raises(RunError, match="is busy"):
         add_edit(run, "exclude", ["x"], "api")  # waits ~10 s for the holder, then says who holds the log
     os.kill(holder.pid, signal.SIGKILL)
