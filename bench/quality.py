@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=int, default=1, help="the tool's default is 4; 1 keeps LESS to one pool pass on a CPU")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per arm")
     p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning learning rate per arm")
+    p.add_argument("--train-seeds", type=int, default=1, help="fine-tunes per arm (seeds 0..N-1), averaged: N× the fine-tuning cost")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         from gist_backend.evaluate import EvalRecipe, evaluate, report_table
 
         result = evaluate(run, files["test"], arms(run, args.budget), baselines=args.random_seeds,
-                          recipe=EvalRecipe.from_run(run, epochs=args.epochs, lr=args.lr), progress=print)  # fmt: skip
+                          recipe=EvalRecipe.from_run(run, epochs=args.epochs, lr=args.lr), train_seeds=args.train_seeds, progress=print)  # fmt: skip
         out["evaluation"] = result
         print(report_table(result))
         for arm in result["arms"]:

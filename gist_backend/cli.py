@@ -169,6 +169,8 @@ def _add_report_commands(sub) -> None:
     p.add_argument("--baselines", type=_baselines, default=3, metavar="random:N", help="N random selections of the same size (default random:3)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the run's warmup epochs)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: the run's warmup lr)")
+    p.add_argument("--train-seeds", type=int, default=1, metavar="N",
+                   help="fine-tune every arm N times (seeds of LoRA init and data order) and average: N× the cost, less training noise")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result here")

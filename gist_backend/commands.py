@@ -161,7 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     progress = Progress(run.path / "evals", file="progress.json")
     try:
         result = evaluate(run, args.test, selection, baselines=args.baselines, recipe=EvalRecipe.from_run(run, epochs=args.epochs, lr=args.lr),
-                          device=args.device, dtype=args.dtype, progress=progress)  # fmt: skip
+                          train_seeds=args.train_seeds, device=args.device, dtype=args.dtype, progress=progress)  # fmt: skip
     except BaseException as err:
         progress.finish("cancelled" if isinstance(err, KeyboardInterrupt) else "failed", f"{type(err).__name__}: {err}")
         raise

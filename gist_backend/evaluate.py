@@ -6,7 +6,10 @@ recipe (LoRA rank, alpha, dropout, targets, learning rate, batch, max length; ep
     random arms      ``baselines`` seeded random selections of the same size
     base             the model without fine-tuning
 and scores every arm on the held-out test records (``engine/likelihood.py``: response loss, and accuracy by
-option log-likelihood when records carry ``choices`` and ``answer_index``). Each arm is compared with the
+option log-likelihood when records carry ``choices`` and ``answer_index``). With ``train_seeds`` N > 1 every
+fine-tuned arm is trained N times (LoRA init and data order seeded recipe.seed … recipe.seed + N − 1) and its
+per-question scores are the mean over those runs, so that training noise averages out and can be read off
+(``test_loss_by_seed``). Each arm is compared with the
 mean of the random arms of its size: the mean per-question difference and its 95 % paired bootstrap interval
 (questions resampled with replacement, 2,000 times, seeded). Arms are cached in ``<run>/evals/arms/`` by what
 determines them (model, recipe, training ids in order, test file), so re-running an evaluation, or another one
@@ -154,10 +157,22 @@ class _Arms:
         check_disjoint(run, records)
         self.identity = {"model": model_fingerprint(config["model"]), "recipe": asdict(recipe), "test": fingerprint(test_path), "dtype": dtype}
 
-    def result(self, name: str, kind: str, rows: np.ndarray | None) -> dict:
-        """The arm's per-question scores, from the cache or by fine-tuning now."""
+    def result(self, name: str, kind: str, rows: np.ndarray | None, train_seeds: int = 1) -> dict:
+        """The arm's per-question scores (the mean over ``train_seeds`` fine-tunes), each run cached or computed now."""
+        if rows is None or train_seeds == 1:
+            return self._one(name, kind, rows, self.recipe)
+        runs = [self._one(name, kind, rows, replace(self.recipe, seed=self.recipe.seed + j)) for j in range(train_seeds)]
+        merged = {k: v for k, v in runs[0].items() if k not in ("checksum", "identity")} | {"seconds": round(sum(r.get("seconds") or 0 for r in runs), 1)}
+        for field in ("loss", "correct", "correct_sum"):
+            merged[field] = np.mean([np.asarray(r[field], dtype=float) for r in runs], axis=0).tolist()
+        merged["test_loss_by_seed"] = [float(np.mean(r["loss"])) for r in runs]
+        return merged
+
+    def _one(self, name: str, kind: str, rows: np.ndarray | None, recipe: EvalRecipe) -> dict:
+        """One fine-tune (or the base model) scored, from the cache or computed now."""
         ids = None if rows is None else self.run.train["id"].gather(rows).to_list()
-        path = self.run.path / "evals" / "arms" / f"{_key(self.identity, ids)}.json"
+        identity = {**self.identity, "recipe": asdict(recipe)}
+        path = self.run.path / "evals" / "arms" / f"{_key(identity, ids)}.json"
         if path.exists():
             try:
                 cached = read_json(path)
@@ -166,22 +181,22 @@ class _Arms:
             except RunError:
                 pass  # a damaged cache entry is recomputed
         t0 = time.perf_counter()
-        model = self._finetuned(rows, name) if rows is not None else self.load()[0]
+        label = name if recipe.seed == self.recipe.seed else f"{name} (training seed {recipe.seed})"
+        model = self._finetuned(rows, label, recipe) if rows is not None else self.load()[0]
         from .engine.likelihood import score
 
-        scores = score(model, self.test, self.device, self.autocast, lambda d, t: self.progress(f"scoring {name}", d, t))
-        entry = {"ids": ids, "identity": self.identity, "seconds": round(time.perf_counter() - t0, 1), "created": utc_now(),
+        scores = score(model, self.test, self.device, self.autocast, lambda d, t: self.progress(f"scoring {label}", d, t))
+        entry = {"ids": ids, "identity": identity, "seconds": round(time.perf_counter() - t0, 1), "created": utc_now(),
                  **{k: v.tolist() for k, v in scores.items()}}  # fmt: skip
         entry["checksum"] = manifest_checksum(entry)
         write_json(path, entry)
         return {**entry, "name": name, "kind": kind}
 
-    def _finetuned(self, rows: np.ndarray, name: str):
+    def _finetuned(self, rows: np.ndarray, name: str, r: EvalRecipe):
         from .engine.model import attach_lora
         from .engine.tokenize import tokenize_records
         from .engine.warmup import run_warmup
 
-        r = self.recipe
         examples, _ = tokenize_records(_records(self.run, rows), self.tokenizer, r.max_len)
         model = attach_lora(self.load()[0], rank=r.lora_rank, alpha=r.lora_alpha, dropout=r.lora_dropout, target_modules=r.lora_targets, seed=r.seed)
         model.to(self.device)
@@ -201,23 +216,25 @@ def _summary(arm: dict) -> dict:
     return {"name": arm["name"], "kind": arm["kind"], "n_train": len(arm["ids"] or []), "test_loss": float(np.mean(arm["loss"])),
             "accuracy": float(correct[mc].mean()) if mc.any() else None,
             "accuracy_sum": float(np.asarray(arm["correct_sum"], dtype=float)[mc].mean()) if mc.any() else None,
-            "seconds": arm.get("seconds")}  # fmt: skip
+            "seconds": arm.get("seconds"), **({"test_loss_by_seed": arm["test_loss_by_seed"]} if "test_loss_by_seed" in arm else {})}  # fmt: skip
 
 
 def evaluate(run: Run, test: str | Path, selections: Selection | list[Selection], *, baselines: int = 3, recipe: EvalRecipe | None = None,
-             device: str = "auto", dtype: str = "auto", progress: Callable | None = None) -> dict:  # fmt: skip
+             train_seeds: int = 1, device: str = "auto", dtype: str = "auto", progress: Callable | None = None) -> dict:  # fmt: skip
     """Fine-tune and score every arm, compare each with the random arms of its size; the stored result (see module docstring)."""
     selections = [selections] if isinstance(selections, Selection) else list(selections)
     if not selections or baselines < 1:
         raise ValueError("evaluate needs at least one selection and one random baseline (--baselines random:N, N ≥ 1)")
+    if train_seeds < 1:
+        raise ValueError("--train-seeds must be at least 1")
     recipe = recipe or EvalRecipe.from_run(run)
     report = progress or (lambda *a: None)
     with run_lock(run.path, "evals", "gist-curate evaluate"):
         arms = _Arms(run, Path(test), recipe, device, dtype, lambda stage, done, total: report(stage, done, total))
         sizes = sorted({len(s.rows) for s in selections})
         randoms = {n: [arms.result(f"random-s{s}" + (f"-n{n}" if len(sizes) > 1 else ""), "random",
-                                   select(run, method="random", budget=n, seed=s, edits=[]).rows) for s in range(baselines)] for n in sizes}  # fmt: skip
-        chosen = [arms.result(arm_name(s), "selection", np.asarray(s.rows, dtype=np.int64)) for s in selections]
+                                   select(run, method="random", budget=n, seed=s, edits=[]).rows, train_seeds) for s in range(baselines)] for n in sizes}  # fmt: skip
+        chosen = [arms.result(arm_name(s), "selection", np.asarray(s.rows, dtype=np.int64), train_seeds) for s in selections]
         base = arms.result("base", "base", None)
         out = []
         for arm, sel in [(a, s) for a, s in zip(chosen, selections)] + [(base, None)] + [(r, None) for n in sizes for r in randoms[n]]:
@@ -234,8 +251,8 @@ def evaluate(run: Run, test: str | Path, selections: Selection | list[Selection]
             out.append(entry)
         result = {"format": "gist-curator-eval", "created": utc_now(), "run": str(run.path), "target": run.target, "test": str(test),
                   "test_sha256": arms.identity["test"], "n_test": len(arms.test.ids), "n_multiple_choice": int(arms.test.multiple_choice.sum()),
-                  "recipe": asdict(recipe), "baselines": baselines, "bootstrap": BOOTSTRAP, "arms": out}  # fmt: skip
-        result["id"] = _key([a.get("selection") for a in out], arms.identity, baselines)
+                  "recipe": asdict(recipe), "baselines": baselines, "train_seeds": train_seeds, "bootstrap": BOOTSTRAP, "arms": out}  # fmt: skip
+        result["id"] = _key([a.get("selection") for a in out], arms.identity, baselines, *([train_seeds] if train_seeds > 1 else []))
         write_json(run.path / "evals" / f"{result['id']}.json", result)
     return result
 

@@ -116,3 +116,27 @@ def test_evaluate_an_exported_selection_file(evaluated, capsys):
     sel = selection_from_file(run, root / "sel.jsonl")
     expected = select(run, budget=6)
     assert sel.ids == expected.ids and sel.method == "file:sel"
+
+
+def test_train_seeds_average_fine_tunes_and_reuse_the_first_seed(evaluated, monkeypatch):
+    from gist_backend.engine import warmup
+    from gist_backend.evaluate import EvalRecipe, evaluate
+
+    run_dir, test, _ = evaluated
+    run = open_run(run_dir)
+    selection = select(run, method="gist", rank=4, budget=10)
+    recipe = EvalRecipe.from_run(run, epochs=1, lr=1e-3)
+    one = evaluate(run, test, selection, baselines=2, recipe=recipe)
+    real, fine_tunes = warmup.run_warmup, []
+    monkeypatch.setattr(warmup, "run_warmup", lambda *a, **k: fine_tunes.append(k["seed"]) or real(*a, **k))
+    two = evaluate(run, test, selection, baselines=2, recipe=recipe, train_seeds=2)
+    assert sorted(fine_tunes) == [1, 1, 1]  # seed 0 of every fine-tuned arm came from the cache; the base model is not trained
+    assert two["train_seeds"] == 2 and two["id"] != one["id"]
+    single, double = ({a["name"]: a for a in r["arms"]} for r in (one, two))
+    for name in ("gist-r4", "random-s0", "random-s1"):
+        by_seed = double[name]["test_loss_by_seed"]
+        assert by_seed[0] == pytest.approx(single[name]["test_loss"], abs=1e-12) and by_seed[0] != by_seed[1]
+        assert double[name]["test_loss"] == pytest.approx(np.mean(by_seed), abs=1e-9)  # per-question means, then their mean
+    assert double["base"]["test_loss"] == single["base"]["test_loss"] and "test_loss_by_seed" not in double["base"]
+    with pytest.raises(ValueError, match="train-seeds"):
+        evaluate(run, test, selection, baselines=2, recipe=recipe, train_seeds=0)

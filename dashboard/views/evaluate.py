@@ -17,12 +17,14 @@ ui.header("Evaluate", f"Does the selection ({ui.settings_line(run)}) help the ta
 recipe = backend.eval_recipe(run)
 
 with st.form("evaluate", border=True):
-    c = st.columns([4, 1, 1, 1], vertical_alignment="bottom")
+    c = st.columns([4, 1, 1, 1, 1], vertical_alignment="bottom")
     test = c[0].text_input("Held-out test file", key="eval_test", placeholder="data/target_test.jsonl",
                            help="Target records not in the pool or the validation set; 'choices' + 'answer_index' give accuracy.")  # fmt: skip
     baselines = c[1].number_input("Random arms", 1, 10, 3, key="eval_baselines")
     epochs = c[2].number_input("Epochs", 1, 50, recipe.epochs, key="eval_epochs")
     lr = c[3].number_input("Learning rate", 1e-7, 1e-1, recipe.lr, format="%.1e", key="eval_lr")
+    train_seeds = c[4].number_input("Training seeds", 1, 10, 1, key="eval_train_seeds",
+                                    help="Fine-tune every arm this many times and average: the cost grows with it, training noise shrinks.")  # fmt: skip
     start = st.form_submit_button("Evaluate the current selection", type="primary", icon=":material/science:")
 if start:
     try:
@@ -30,7 +32,8 @@ if start:
         if path is None:
             raise ValueError("give the held-out test file")
         argv = ["--target", run.target, "--test", str(path), "--method", backend.method(run), "--rank", str(session.rank()),
-                "--budget", str(backend.budget(run)), "--baselines", f"random:{int(baselines)}", "--epochs", str(int(epochs)), "--lr", str(lr)]  # fmt: skip
+                "--budget", str(backend.budget(run)), "--baselines", f"random:{int(baselines)}", "--epochs", str(int(epochs)), "--lr", str(lr),
+                "--train-seeds", str(int(train_seeds))]  # fmt: skip
         pid = jobs.launch("evaluate", argv, run.path)
     except (OSError, ValueError, PermissionError) as err:
         session.show_error(err, "Could not start the evaluation")
@@ -79,4 +82,5 @@ if shown:
                  column_config={k: st.column_config.NumberColumn(format="%.4f") for k in ("test loss", "accuracy", "loss − random", "accuracy − random")})  # fmt: skip
     for label, r in shown:
         st.caption(f"{label}: {r['n_test']} test questions ({r['n_multiple_choice']} multiple-choice) from {session.code(Path(r['test']).name)}; "
-                   f"{r['recipe']['epochs']} epoch(s) at lr {r['recipe']['lr']:g}; {r['baselines']} random arms.")  # fmt: skip
+                   f"{r['recipe']['epochs']} epoch(s) at lr {r['recipe']['lr']:g}; {r['baselines']} random arms; "
+                   f"{r.get('train_seeds', 1)} training seed(s) per arm.")  # fmt: skip
