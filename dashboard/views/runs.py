@@ -169,7 +169,7 @@ with right:
                 st.rerun()
 
 # ---------------------------------------------------------------- compute
-# The form (25 widgets) is drawn only when asked for: most visits open a run, and the page paints sooner without it.
+# The form (25 widgets) is drawn only when asked for: most visits open a run (no faster to paint: bench/RESULTS.md §7).
 if not st.toggle("Compute a new run", value=not runs and run is None, key=session.SHOW_COMPUTE_FORM):
     config, name, problems = None, "", []
 else:
