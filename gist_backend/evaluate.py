@@ -278,9 +278,12 @@ def report_table(result: dict) -> str:
             return "—"
         return f"{d['diff'] * scale:+.{digits}f} [{d['low'] * scale:+.{digits}f}, {d['high'] * scale:+.{digits}f}]"
 
-    lines = [f"{'arm':<22} {'n':>5} {'test loss':>10} {'acc':>7}  {'loss − random [95 % CI]':>32}  {'acc − random (pts) [95 % CI]':>30}"]
+    seeds = result.get("train_seeds", 1) > 1
+    lines = [f"{'arm':<22} {'n':>5} {'test loss':>10} {'acc':>7}  {'loss − random [95 % CI]':>32}  {'acc − random (pts) [95 % CI]':>30}"
+             + ("  loss by training seed" if seeds else "")]  # fmt: skip
     for a in result["arms"]:
         acc = "—" if a["accuracy"] is None else f"{a['accuracy']:.3f}"
         vs = a.get("vs_random", {})
-        lines.append(f"{a['name']:<22} {a['n_train']:>5} {a['test_loss']:>10.4f} {acc:>7}  {ci(vs.get('test_loss')):>32}  {ci(vs.get('accuracy'), 100, 1):>30}")
+        by_seed = "  " + " / ".join(f"{v:.4f}" for v in a.get("test_loss_by_seed", [])) if seeds else ""
+        lines.append(f"{a['name']:<22} {a['n_train']:>5} {a['test_loss']:>10.4f} {acc:>7}  {ci(vs.get('test_loss')):>32}  {ci(vs.get('accuracy'), 100, 1):>30}{by_seed}")
     return "\n".join(lines)

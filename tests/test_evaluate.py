@@ -138,5 +138,9 @@ def test_train_seeds_average_fine_tunes_and_reuse_the_first_seed(evaluated, monk
         assert by_seed[0] == pytest.approx(single[name]["test_loss"], abs=1e-12) and by_seed[0] != by_seed[1]
         assert double[name]["test_loss"] == pytest.approx(np.mean(by_seed), abs=1e-9)  # per-question means, then their mean
     assert double["base"]["test_loss"] == single["base"]["test_loss"] and "test_loss_by_seed" not in double["base"]
+    from gist_backend.evaluate import report_table
+
+    row = next(line for line in report_table(two).splitlines() if line.startswith("gist-r4"))
+    assert row.endswith(" / ".join(f"{v:.4f}" for v in double["gist-r4"]["test_loss_by_seed"]))
     with pytest.raises(ValueError, match="train-seeds"):
         evaluate(run, test, selection, baselines=2, recipe=recipe, train_seeds=0)
