@@ -372,6 +372,12 @@ def past_evaluations(run: Run) -> list[dict]:
     return stored(run)
 
 
+def suggested_test_file(run: Run) -> str:
+    """The test file the Evaluate page offers first: the target's last one, or a test.jsonl beside the validation file."""
+    from gist_backend.evaluate import suggested_test_file as suggest
+    return str(suggest(run) or "")
+
+
 # ---------------------------------------------------------------- warm-up
 
 

@@ -243,6 +243,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if cached_map(run, run.k_max) is None:
         start_map(run_dir)
     cmd_info(argparse.Namespace(run_dir=str(run_dir), target=None, rank=None, top=10, json=False))
+    from .devkit.demo import demo_data_dir
+
+    test = demo_data_dir(run_dir) / "test.jsonl"
+    print(f"\nDoes the selection help? Fine-tune on it and on random examples, and score held-out MMLU questions "
+          f"(the dashboard's Evaluate page does the same):\n  gist-curate evaluate --run-dir {run_dir} --test {test} "
+          f"--method gist-global --budget 10% --baselines random:2")  # fmt: skip
     if not args.no_serve:
         raise SystemExit(serve(str(run_dir), args.port))
 

@@ -270,6 +270,16 @@ def past_evaluations(run: Run) -> list[dict]:
     return sorted(out, key=lambda r: r.get("created", ""), reverse=True)
 
 
+def suggested_test_file(run: Run) -> Path | None:
+    """The test file of the target's latest evaluation, else a test.jsonl beside the run's validation file (as the demo writes)."""
+    for result in past_evaluations(run):
+        if result.get("target") == run.target and Path(result["test"]).is_file():
+            return Path(result["test"])
+    val = (run.manifest.get("config") or {}).get("val") or []
+    candidate = Path(val[0]).parent / "test.jsonl" if val and run.target == run.targets[0] else None
+    return candidate if candidate is not None and candidate.is_file() else None
+
+
 def report_table(result: dict) -> str:
     """A plain-text table of an evaluation: each arm's loss and accuracy, and its difference from random."""
 

@@ -105,7 +105,7 @@ def test_build_demo_data_deterministic_and_valid(tmp_path):
     assert p1.read_bytes() == p2.read_bytes() and v1.read_bytes() == v2.read_bytes()
     p3, _ = dd.build_demo_data(tmp_path / "c", pool_size=160, seed=1)
     assert p3.read_bytes() != p1.read_bytes()
-    assert sorted(x.name for x in (tmp_path / "a").iterdir()) == ["pool.jsonl", "val.jsonl"]
+    assert sorted(x.name for x in (tmp_path / "a").iterdir()) == ["pool.jsonl", "val.jsonl"]  # test.jsonl is build_demo_test's
 
     pool, val = _read(p1), _read(v1)
     assert len(pool) == 160 and len({r["id"] for r in pool}) == 160
@@ -125,6 +125,13 @@ def test_build_demo_data_deterministic_and_valid(tmp_path):
     assert all(mmlu_tasks[s] > 0 for s in dd.DEMO_SUBJECTS)
     assert sum(mmlu_tasks.values()) - target == round(160 * dd.DEMO_OTHER_MMLU_FRACTION)
     assert not {r["id"] for r in val} & {r["id"] for r in pool}
+    # test: held-out MMLU test questions of the target subjects, sharing nothing with the pool or val
+    test = _read(dd.build_demo_test(tmp_path / "a", per_subject=4, max_chars=1200))
+    assert test == _read(dd.build_demo_test(tmp_path / "b", per_subject=4, max_chars=1200))
+    assert Counter(r["task"] for r in test) == {s: 4 for s in dd.DEMO_SUBJECTS} and all("-test-" in r["id"] for r in test)
+    assert all(0 <= r["answer_index"] < len(r["choices"]) == len(r["options"]) for r in test)
+    seen = {json.dumps(r["messages"]) for r in pool + val}
+    assert not {r["id"] for r in test} & {r["id"] for r in pool + val} and not {json.dumps(r["messages"]) for r in test} & seen
 
 
 def test_source_licenses_cover_demo_sources():

@@ -144,3 +144,17 @@ def test_train_seeds_average_fine_tunes_and_reuse_the_first_seed(evaluated, monk
     assert row.endswith(" / ".join(f"{v:.4f}" for v in double["gist-r4"]["test_loss_by_seed"]))
     with pytest.raises(ValueError, match="train-seeds"):
         evaluate(run, test, selection, baselines=2, recipe=recipe, train_seeds=0)
+
+
+def test_suggested_test_file_is_the_last_one_used_or_the_one_beside_the_validation_file(evaluated, tmp_path, monkeypatch):
+    from gist_backend import evaluate as ev
+
+    run_dir, test, _ = evaluated
+    run = open_run(run_dir)
+    ev.evaluate(run, test, select(run, method="gist", rank=4, budget=10), baselines=2, recipe=ev.EvalRecipe.from_run(run, epochs=1, lr=1e-3))
+    assert ev.suggested_test_file(run) == test
+    monkeypatch.setattr(ev, "past_evaluations", lambda run: [])
+    run.manifest["config"]["val"] = [str(tmp_path / "val.jsonl")]
+    assert ev.suggested_test_file(run) is None
+    (tmp_path / "test.jsonl").write_text("{}\n")  # the demo's layout: pool.jsonl, val.jsonl, test.jsonl side by side
+    assert ev.suggested_test_file(run) == tmp_path / "test.jsonl"

@@ -15,6 +15,8 @@ esc = session.escape
 ui.header("Evaluate", f"Does the selection ({ui.settings_line(run)}) help the target more than random examples do? "
           "Each arm is fine-tuned on its examples and scored on held-out questions.")  # fmt: skip
 recipe = backend.eval_recipe(run)
+if "eval_test" not in st.session_state:
+    st.session_state["eval_test"] = backend.suggested_test_file(run)
 
 with st.form("evaluate", border=True):
     c = st.columns([4, 1, 1, 1, 1], vertical_alignment="bottom")

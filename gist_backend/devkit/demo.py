@@ -41,17 +41,24 @@ def demo_config(pool: Path, val: Path, methods: Sequence[str]):
 DEMO_MAX_CHARS = 700
 
 
+def demo_data_dir(run_dir: Path) -> Path:
+    """Where the demo's pool.jsonl, val.jsonl and test.jsonl live: beside the run, as ``<run>-data``."""
+    return Path(run_dir).parent / f"{Path(run_dir).name}-data"
+
+
 def run_demo(run_dir: Path, *, pool_size: int = 200, methods: Sequence[str] = ("gist", "less", "g2is")) -> Path:
     """Build the demo data next to the run (once) and compute (or resume) the demo run."""
     from ..compute import compute
-    from .demo_data import build_demo_data
+    from .demo_data import build_demo_data, build_demo_test
 
     check_demo_packages()
     run_dir = Path(run_dir)
-    data_dir = run_dir.parent / f"{run_dir.name}-data"
+    data_dir = demo_data_dir(run_dir)
     pool, val = data_dir / "pool.jsonl", data_dir / "val.jsonl"
     if not (pool.exists() and val.exists()):
         print(f"building demo data in {data_dir} …")
         pool, val = build_demo_data(data_dir, pool_size=pool_size, max_chars=DEMO_MAX_CHARS)
+    if not (data_dir / "test.jsonl").exists():  # held-out questions for `evaluate` (and the Evaluate page)
+        build_demo_test(data_dir, max_chars=DEMO_MAX_CHARS)
     print(f"computing the demo run in {run_dir} (SmolLM2-135M-Instruct on CPU; a few minutes) …")
     return compute(demo_config(pool, val, methods), run_dir)

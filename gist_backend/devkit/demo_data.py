@@ -339,3 +339,18 @@ def build_demo_data(
     _write_jsonl(pool_path, pool)
     _write_jsonl(val_path, val)
     return pool_path, val_path
+
+
+def build_demo_test(out_dir: Path, *, per_subject: int = 20, seed: int = 0, subjects: Sequence[str] = DEMO_SUBJECTS,
+                    max_chars: int = 1200) -> Path:  # fmt: skip
+    """Write test.jsonl: held-out MMLU test questions of the target subjects, for ``gist-curate evaluate``.
+
+    The pool holds MMLU *validation* questions and val.jsonl the *dev* split, so the test split shares no
+    question with either; every record carries ``choices`` and ``answer_index`` (accuracy by log-likelihood).
+    """
+    test = [r for s in subjects for r in task_records(f"mmlu:{s}", "test", limit=per_subject, seed=seed, max_chars=max_chars)]
+    path = Path(out_dir) / "test.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(path, test)
+    return path
+
