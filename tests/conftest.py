@@ -32,3 +32,22 @@ def toy_data(tmp_path_factory):
     from gist_backend.devkit.tiny import make_toy_data
 
     return make_toy_data(tmp_path_factory.mktemp("toy"), n_train=60, n_val=12)
+
+
+@pytest.fixture
+def finish_job():
+    """Wait for a dashboard background job (`jobs.launch`) of a run to end, and check that it completed."""
+
+    def wait(run_dir, kind: str, timeout: float = 300) -> None:
+        import time
+
+        from dashboard import jobs
+
+        deadline = time.time() + timeout
+        while jobs.job_status(run_dir, kind).state == "running":
+            assert time.time() < deadline, jobs.log_tail(run_dir, kind)
+            time.sleep(1)
+        assert jobs.job_status(run_dir, kind).state == "complete", jobs.log_tail(run_dir, kind)
+
+    return wait
+

@@ -628,8 +628,7 @@ def test_user_text_is_never_rendered_as_markdown(hostile_run: Path, monkeypatch:
 # ---------------------------------------------------------------- evaluate
 
 
-def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from dashboard import jobs
+def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, finish_job) -> None:
     from gist_backend.compute import ComputeConfig, compute
     from gist_backend.devkit.tiny import make_toy_data
 
@@ -647,11 +646,7 @@ def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypa
     at.number_input(key="eval_epochs").set_value(1)
     button(at, "Evaluate the current selection").click().run()
     assert_clean(at)
-    deadline = time.time() + 240
-    while jobs.job_status(run_dir, "evaluate").state == "running":
-        assert time.time() < deadline, jobs.log_tail(run_dir, "evaluate")
-        time.sleep(1)
-    assert jobs.job_status(run_dir, "evaluate").state == "complete", jobs.log_tail(run_dir, "evaluate")
+    finish_job(run_dir, "evaluate", timeout=240)
     at.run()
     assert_clean(at)
     assert at.get("plotly_chart") and at.dataframe[-1].value["arm"].to_list()[:2] == ["gist-r6", "base"]
@@ -664,9 +659,8 @@ def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypa
 # ---------------------------------------------------------------- many targets
 
 
-def test_add_target_switch_compare_and_combine(tiny_llama, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_add_target_switch_compare_and_combine(tiny_llama, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, finish_job) -> None:
     """Runs page adds a target in the background; the sidebar switches to it; Compare and Export span both targets."""
-    from dashboard import jobs
     from gist_backend.compute import ComputeConfig, compute
     from gist_backend.curation import Part, combine
     from gist_backend.devkit.tiny import make_toy_data
@@ -685,11 +679,7 @@ def test_add_target_switch_compare_and_combine(tiny_llama, monkeypatch: pytest.M
     at.text_input(key="at_name").set_value("animals")
     button(at, "Add the target").click().run()
     assert_clean(at)
-    deadline = time.time() + 240
-    while jobs.job_status(run_dir, "add-target").state == "running":
-        assert time.time() < deadline, jobs.log_tail(run_dir, "add-target")
-        time.sleep(1)
-    assert jobs.job_status(run_dir, "add-target").state == "complete", jobs.log_tail(run_dir, "add-target")
+    finish_job(run_dir, "add-target", timeout=240)
     at.run()
     button(at, "Open animals").click().run()
     assert_clean(at)

@@ -296,7 +296,7 @@ def test_browser_50k_map_waits_then_selects_and_follows_the_rank(pool_50k: Path)
 # ---------------------------------------------------------------- a real model: many targets and an evaluation
 
 
-def test_browser_add_target_switch_combine_and_evaluate(tiny_llama, tmp_path: Path) -> None:
+def test_browser_add_target_switch_combine_and_evaluate(tiny_llama, tmp_path: Path, finish_job) -> None:
     """On a tiny-model --reusable run: add a target from the Runs page, switch to it in the sidebar, compare the
     targets, export one selection for both, and evaluate the selection in the background, all in the browser."""
     from playwright.sync_api import sync_playwright
@@ -355,11 +355,7 @@ def test_browser_add_target_switch_combine_and_evaluate(tiny_llama, tmp_path: Pa
             page.get_by_role("textbox", name="Held-out test file").fill(str(test))
             page.get_by_role("button", name="Evaluate the current selection").click()
             page.get_by_text("Evaluating in the background", exact=False).wait_for()
-            deadline = time.time() + 300
-            while jobs.job_status(run_dir, "evaluate").state == "running":
-                assert time.time() < deadline, jobs.log_tail(run_dir, "evaluate")
-                time.sleep(1)
-            assert jobs.job_status(run_dir, "evaluate").state == "complete", jobs.log_tail(run_dir, "evaluate")
+            finish_job(run_dir, "evaluate")
             page.reload()
             page.wait_for_selector('h1:has-text("Evaluate")')
             page.wait_for_selector(".js-plotly-plot")
