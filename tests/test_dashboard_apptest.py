@@ -650,7 +650,9 @@ def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypa
     at.run()
     assert_clean(at)
     assert at.get("plotly_chart") and at.dataframe[-1].value["arm"].to_list()[:2] == ["gist-r6", "base"]
-    result = next(r for r in (json.loads(p.read_text()) for p in (run_dir / "evals").glob("*.json")) if r.get("format") == "gist-curator-eval")
+    from gist_backend.evaluate import past_evaluations
+
+    (result,) = past_evaluations(open_run(run_dir))
     assert result["baselines"] == 2 and result["recipe"]["epochs"] == 1 and result["arms"][0]["selection"]["budget"] == 2  # 5 % of 40
     assert result["train_seeds"] == 1
     assert app(run_dir, monkeypatch, "evaluate").text_input(key="eval_test").value == str(test)  # a new session offers the last test file

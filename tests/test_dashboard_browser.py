@@ -368,5 +368,7 @@ def test_browser_add_target_switch_combine_and_evaluate(tiny_llama, tmp_path: Pa
     assert manifest["method"] == "combined" and [p["target"] for p in manifest["method_info"]["parts"]] == targets
     expected = combine(run_dir, [Part(t, "gist", 6, 1) for t in targets], 2, edits=[])
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == expected.ids
-    result = next(json.loads(p.read_text()) for p in (run_dir / "evals").glob("*.json"))
+    from gist_backend.evaluate import past_evaluations
+
+    (result,) = past_evaluations(open_run(run_dir))  # evals/ also holds the job's progress.json
     assert result["target"] == "animals" and [a["name"] for a in result["arms"]][:2] == ["gist-r6", "base"]
