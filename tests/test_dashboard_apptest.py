@@ -431,6 +431,19 @@ def test_budget_and_caps_drive_the_export(run_dir: Path, monkeypatch: pytest.Mon
     assert at.metric[0].value == str(len(ids))
 
 
+def test_export_path_follows_the_selection_until_the_user_types_one(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    at = app(run_dir, monkeypatch, "export")
+    at.sidebar.segmented_control(key="budget_mode").set_value("count").run()
+    at.sidebar.number_input(key="budget_count").set_value(40).run()
+    name = Path(run_dir).name
+    assert at.text_input(key="export_path").value == str(Path("exports") / f"{name}-{open_run(run_dir).target}-gist-40.jsonl")
+    at.sidebar.number_input(key="budget_count").set_value(30).run()
+    assert at.text_input(key="export_path").value.endswith("-gist-30.jsonl")  # the default names the selection it writes
+    assert len(export_ids(at, tmp_path / "mine.jsonl")) == 30  # a path typed and written …
+    at.sidebar.number_input(key="budget_count").set_value(20).run()
+    assert at.text_input(key="export_path").value == str(tmp_path / "mine.jsonl")  # … stays
+
+
 def test_compare_shows_g2is_as_a_set(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = app(run_dir, monkeypatch, "compare")
     assert len(at.get("plotly_chart")) >= 3

@@ -345,7 +345,8 @@ def test_browser_add_target_switch_combine_and_evaluate(tiny_llama, tmp_path: Pa
 
             goto_view(page, "Export")
             page.get_by_text("Serve several targets").click()
-            bb.wait_until(page)
+            # wait for the rerun that draws the combined selection (its default file name), or the fill below is reset by it
+            bb.wait_until(page, "() => [...document.querySelectorAll('input')].some(i => i.value.includes('-combined-'))")
             page.get_by_role("textbox", name="Write to path").fill(str(out))
             page.get_by_role("button", name="Write", exact=True).click()
             page.get_by_text("Wrote", exact=False).wait_for()

@@ -109,9 +109,13 @@ c = st.columns([2, 3], vertical_alignment="bottom")
 name = f"{run.path.name}-{sel.target or run.target}-{sel.method}-{len(sel.ids)}.jsonl"
 c[0].download_button("Download JSONL", data=lambda: backend.export_bytes(run, sel, with_meta), file_name=name, mime="application/jsonl",
                      icon=":material/download:", type="primary", on_click="ignore", key="download_jsonl")  # fmt: skip
+default_path = str(Path("exports") / name)
+if st.session_state.get("export_path") in (None, st.session_state.get("export_path_default")):  # not typed by the user:
+    st.session_state["export_path"] = default_path  # follow the selection (its method, target and size name the file)
+st.session_state["export_path_default"] = default_path
 with c[1].form("write_path", border=False):
     f = st.columns([3, 1, 1], vertical_alignment="bottom")
-    target = f[0].text_input("Write to path", value=str(Path("exports") / name), key="export_path",
+    target = f[0].text_input("Write to path", key="export_path",
                              help="A .jsonl file inside the allowed folders, outside any run folder; never one of the run's inputs.")  # fmt: skip
     force = f[1].checkbox("Replace", key="export_force", help="Replace the file if it exists.")
     if f[2].form_submit_button("Write", icon=":material/save:"):
