@@ -141,13 +141,13 @@ def _bootstrap(diff: np.ndarray, seed: int) -> dict:
 class _Arms:
     """Fine-tunes and scores arms, each cached in the run by what determines it."""
 
-    def __init__(self, run: Run, test_path: Path, recipe: EvalRecipe, device: str, dtype: str, progress):
+    def __init__(self, run: Run, test_path: Path, recipe: EvalRecipe, train_seeds: int, device: str, dtype: str, progress):
         from .engine.device import resolve_device, resolve_dtypes
         from .engine.likelihood import load_test_set
         from .engine.model import load_model, model_fingerprint
 
         config = run.manifest.get("config") or {}
-        self.run, self.recipe, self.progress = run, recipe, progress
+        self.run, self.recipe, self.train_seeds, self.progress = run, recipe, train_seeds, progress
         self.device = resolve_device(device)
         self.weight_dtype, self.autocast = resolve_dtypes(dtype, self.device)
         cache_dir = Path(config["model_cache_dir"]) if config.get("model_cache_dir") else None
@@ -157,11 +157,11 @@ class _Arms:
         check_disjoint(run, records)
         self.identity = {"model": model_fingerprint(config["model"]), "recipe": asdict(recipe), "test": fingerprint(test_path), "dtype": dtype}
 
-    def result(self, name: str, kind: str, rows: np.ndarray | None, train_seeds: int = 1) -> dict:
+    def result(self, name: str, kind: str, rows: np.ndarray | None) -> dict:
         """The arm's per-question scores (the mean over ``train_seeds`` fine-tunes), each run cached or computed now."""
-        if rows is None or train_seeds == 1:
+        if rows is None or self.train_seeds == 1:
             return self._one(name, kind, rows, self.recipe)
-        runs = [self._one(name, kind, rows, replace(self.recipe, seed=self.recipe.seed + j)) for j in range(train_seeds)]
+        runs = [self._one(name, kind, rows, replace(self.recipe, seed=self.recipe.seed + j)) for j in range(self.train_seeds)]
         merged = {k: v for k, v in runs[0].items() if k not in ("checksum", "identity")} | {"seconds": round(sum(r.get("seconds") or 0 for r in runs), 1)}
         for field in ("loss", "correct", "correct_sum"):
             merged[field] = np.mean([np.asarray(r[field], dtype=float) for r in runs], axis=0).tolist()
@@ -230,11 +230,11 @@ def evaluate(run: Run, test: str | Path, selections: Selection | list[Selection]
     recipe = recipe or EvalRecipe.from_run(run)
     report = progress or (lambda *a: None)
     with run_lock(run.path, "evals", "gist-curate evaluate"):
-        arms = _Arms(run, Path(test), recipe, device, dtype, lambda stage, done, total: report(stage, done, total))
+        arms = _Arms(run, Path(test), recipe, train_seeds, device, dtype, lambda stage, done, total: report(stage, done, total))
         sizes = sorted({len(s.rows) for s in selections})
         randoms = {n: [arms.result(f"random-s{s}" + (f"-n{n}" if len(sizes) > 1 else ""), "random",
-                                   select(run, method="random", budget=n, seed=s, edits=[]).rows, train_seeds) for s in range(baselines)] for n in sizes}  # fmt: skip
-        chosen = [arms.result(arm_name(s), "selection", np.asarray(s.rows, dtype=np.int64), train_seeds) for s in selections]
+                                   select(run, method="random", budget=n, seed=s, edits=[]).rows) for s in range(baselines)] for n in sizes}  # fmt: skip
+        chosen = [arms.result(arm_name(s), "selection", np.asarray(s.rows, dtype=np.int64)) for s in selections]
         base = arms.result("base", "base", None)
         out = []
         for arm, sel in [(a, s) for a, s in zip(chosen, selections)] + [(base, None)] + [(r, None) for n in sizes for r in randoms[n]]:
