@@ -46,10 +46,11 @@ def add_compute_flags(p: argparse.ArgumentParser) -> None:
     for f in fields(ComputeConfig):
         flag, required = "--" + f.name.replace("_", "-"), f.default is MISSING and f.default_factory is MISSING
         default = None if required else (f.default if f.default is not MISSING else f.default_factory())
-        kw = {"help": f.metadata["help"] + ("" if required or default in (None, "") else f" (default: {default})")}
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
+        kw = {"help": help_text + ("" if required or default in (None, "") else f" (default: {default})")}
         if isinstance(default, bool):
             negated = "--no-" + f.name.replace("_", "-")
-            p.add_argument(negated if default else flag, dest=f.name, action="store_false" if default else "store_true", help=f.metadata["help"])
+            p.add_argument(negated if default else flag, dest=f.name, action="store_false" if default else "store_true", help=help_text)
         elif f.name in ("train", "val"):
             p.add_argument(flag, nargs="+", required=True, **kw)
         elif f.name in ("methods", "lora_targets"):

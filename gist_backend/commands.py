@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .cli import config_from_args, json_dump
-from .config import METHOD_LABELS
+from .config import METHOD_LABELS, check_rank
 
 
 def cmd_compute(args: argparse.Namespace) -> None:
@@ -54,16 +54,17 @@ def cmd_map(args: argparse.Namespace) -> None:
     from .runs.store import open_run
 
     run = open_run(args.run_dir, args.target)
+    rank = check_rank(args.rank, run.k_max)
     progress = Progress(run.path / "maps", file="progress.json")
     with run_lock(run.path, "maps", "gist-curate map"):
         progress("UMAP map", 0, 1, force=True)
         try:
-            umap_map(run, args.rank or run.k_max)
+            umap_map(run, rank)
         except BaseException as err:
             progress.finish("cancelled" if isinstance(err, KeyboardInterrupt) else "failed", f"{type(err).__name__}: {err}")
             raise
         progress.finish("complete", None)
-    print(f"map of {run.path} (target {run.target}) at rank {args.rank or run.k_max} cached in {run.path / 'maps'}")
+    print(f"map of {run.path} (target {run.target}) at rank {rank} cached in {run.path / 'maps'}")
 
 
 def cmd_scores(args: argparse.Namespace) -> None:
@@ -179,6 +180,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .runs.store import describe, open_run
 
     run = open_run(args.run_dir, args.target)
+    rank = check_rank(args.rank, run.k_max)
     facts = describe(run)
     if args.json:
         print(json_dump(facts))
@@ -196,7 +198,6 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"[{ckpt['name']}] σ: {sigma}{' …' if len(spec['sigma']) > 8 else ''}   r90/r95/r99 = {spec['r90']}/{spec['r95']}/{spec['r99']}   ρ = {ckpt['rho']:.3f}")
     for warning in facts["warnings"]:
         print(f"warning: {warning}")
-    rank = args.rank or run.k_max
     values = scores(run, "gist", rank)
     order = ranking(values)[: args.top]
     print(f"\ntop {len(order)} examples by GIST at rank {rank}:")

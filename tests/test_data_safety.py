@@ -260,6 +260,24 @@ def test_bad_arguments_and_unknown_ids(base, capsys):
     with pytest.raises(SystemExit):
         cli_main(["evaluate", "--run-dir", str(base["run"]), "--test", "t.jsonl", "--baselines", "random:0"])
     assert "random:N with N ≥ 1" in capsys.readouterr().err
+    for command in (["info"], ["map"], ["scores", "--out", str(base["root"] / "s.csv")]):  # rank 0 is an error, never k_max
+        assert "rank must be a whole number from 1 to k_max=6, got 0" in _error(capsys, [*command, "--run-dir", str(base["run"]), "--rank", "0"])
+
+
+@pytest.mark.parametrize("recipe", [[], ["--recipe", "paper"]])
+def test_every_command_prints_its_help(recipe, capsys):
+    from gist_backend.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"compute", "add-target", "select", "evaluate", "serve"} <= set(commands)
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_:
+            cli_main([command, *recipe, "--help"] if command == "compute" else [command, "--help"])
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and out.startswith("usage: gist-curate " + command), out
+    with pytest.raises(SystemExit):
+        cli_main(["compute", "--help"])
+    assert "top 5 % within" in capsys.readouterr().out  # help texts holding % are printed as written
 
 
 def test_interrupted_commands_say_resume_only_when_they_can(base, monkeypatch, capsys):
