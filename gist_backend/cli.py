@@ -74,7 +74,7 @@ def _add_run(p: argparse.ArgumentParser, target: bool = True) -> None:
 def _add_scoring(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="gist", choices=METHODS)
     p.add_argument("--rank", type=int, default=None, help="subspace rank r of the GIST methods (1..k_max; default k_max)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random (evaluate's random:N baselines use seeds 0…N-1)")
 
 
 def build_parser(recipe: str | None = None) -> argparse.ArgumentParser:
@@ -174,7 +174,8 @@ def _add_report_commands(sub) -> None:
                    help="fine-tune every arm N times (seeds of LoRA init and data order) and average: N× the cost, less training noise")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--json", default=None, metavar="OUT", help="also write the result here")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the result here (never over an input or an existing file without --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
 
     p = sub.add_parser("info", help="summary of a run: spectrum, coupling, stores, top examples (--json for scripts)")
     _add_run(p)

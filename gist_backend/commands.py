@@ -149,11 +149,16 @@ def cmd_compare(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .compute import Progress
     from .curation.selection import select
+    from .curation.export import check_output
     from .evaluate import EvalRecipe, evaluate, report_table, selection_from_file
     from .runs.store import open_run
 
     run = open_run(args.run_dir, args.target)
+    if args.json:
+        check_output(run, args.json, force=args.force, sidecar=False)  # before hours of fine-tuning, not after
     if args.selection:
+        if args.budget is not None or args.rank is not None or args.method != "gist":
+            raise ValueError("give either --selection FILE.jsonl or --method/--rank/--budget, not both")
         selection = selection_from_file(run, args.selection)
     elif args.budget is None:
         raise ValueError("give --budget (with --method and --rank) or --selection FILE.jsonl")
@@ -168,11 +173,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise
     progress.finish("complete", None)
     print(report_table(result))
+    if result["runs_reused"]:
+        print(f"{result['runs_reused']} of {result['runs_reused'] + result['runs_computed']} fine-tunes and scorings were reused from "
+              f"{run.path / 'evals' / 'arms'} (same model, recipe, training examples and test file)")  # fmt: skip
     print(f"stored in {run.path / 'evals' / (result['id'] + '.json')}")
     if args.json:
         from .runs.files import write_json
 
-        write_json(args.json, result)
+        write_json(check_output(run, args.json, force=True, sidecar=False), result)
 
 
 def cmd_info(args: argparse.Namespace) -> None:

@@ -87,7 +87,12 @@ def _records(run: Run, rows: np.ndarray) -> list[Record]:
 
 
 def selection_from_file(run: Run, path: str | Path) -> Selection:
-    """An exported selection (``select``'s JSONL, with or without ``--with-meta``) as a Selection of the run's rows."""
+    """An exported selection (``select``'s JSONL, with or without ``--with-meta``) as a Selection of the run's rows.
+
+    When the export's manifest (``FILE.manifest.json``) is beside it and the file is unchanged since (same
+    sha256), the selection keeps the method, rank, budget and edits the manifest records; otherwise it is
+    named after the file (``file:<name>``).
+    """
     def canonical(text: str) -> str:
         record = json.loads(text)
         if isinstance(record, dict):
@@ -107,22 +112,44 @@ def selection_from_file(run: Run, path: str | Path) -> Selection:
         raise ValueError(f"{path} holds no records")
     rows = np.asarray(list(dict.fromkeys(rows)), dtype=np.int64)
     ids = run.train["id"].gather(rows).to_list()
-    return Selection(method=f"file:{Path(path).stem}", rank=None, budget=len(rows), ids=ids, rows=rows, scores=None, forced_in=[],
-                     forced_out=[], capped={}, target=run.target)  # fmt: skip
+    made = _export_manifest(run, Path(path))
+    edits = made.get("edits") or {}
+    return Selection(method=made.get("method") or f"file:{Path(path).stem}", rank=made.get("rank"), budget=len(rows), ids=ids, rows=rows,
+                     scores=None, forced_in=list(edits.get("forced_in") or []), forced_out=list(edits.get("forced_out") or []), capped={},
+                     n_edits=int(edits.get("n_edits") or 0), target=made.get("target") or run.target)  # fmt: skip
+
+
+def _export_manifest(run: Run, path: Path) -> dict:
+    """The manifest ``select`` wrote beside an export of this run, if the export is unchanged since; else {}."""
+    from .runs.files import file_sha256
+
+    try:
+        made = read_json(path.with_name(path.name + ".manifest.json"))
+    except (RunError, FileNotFoundError):
+        return {}
+    same_run = (made.get("run") or {}).get("config_hash") == run.manifest.get("config_hash")
+    if made.get("format") != "gist-curator-export" or not same_run or made.get("output_sha256") != file_sha256(path):
+        return {}
+    return made
+
+
+def _loose(text: str) -> str:
+    """A conversation's text with case and runs of whitespace ignored (so near-copies count as copies)."""
+    return " ".join(text.split()).casefold()
 
 
 def check_disjoint(run: Run, records: list[Record]) -> None:
-    """Refuse a test set that shares an id or a conversation with the run's pool or any target's validation set."""
+    """Refuse a test set that shares an id or a conversation (up to case and whitespace) with the run's pool or any target's validation set."""
     from .runs.files import read_parquet
     from .runs.manifest import target_dir
 
-    texts = set(run.text.to_list())
+    texts = {_loose(t) for t in run.text.to_list()}
     ids = set(run.row_index)
     for target in run.targets:
         val = run.val if target == run.target or run.manifest.get("version") == 1 else read_parquet(run.path / target_dir(target) / "val.parquet")
-        texts |= set(val["text"].to_list())
+        texts |= {_loose(t) for t in val["text"].to_list()}
         ids |= set(val["id"].to_list())
-    clashes = [r for r in records if r.id in ids or render_text(r) in texts]
+    clashes = [r for r in records if r.id in ids or _loose(render_text(r)) in texts]
     if clashes:
         shown = ", ".join(f"{r.id!r} (line {r.line})" for r in clashes[:3])
         raise ValueError(f"{len(clashes)} test record(s) also appear in run {run.path}'s pool or validation data (by id or content), "
@@ -148,6 +175,7 @@ class _Arms:
 
         config = run.manifest.get("config") or {}
         self.run, self.recipe, self.train_seeds, self.progress = run, recipe, train_seeds, progress
+        self.reused = self.computed = 0  # fine-tunes (and base scorings) read from the cache / run now
         self.device = resolve_device(device)
         self.weight_dtype, self.autocast = resolve_dtypes(dtype, self.device)
         cache_dir = Path(config["model_cache_dir"]) if config.get("model_cache_dir") else None
@@ -177,6 +205,7 @@ class _Arms:
             try:
                 cached = read_json(path)
                 if cached.get("checksum") == manifest_checksum(cached) and cached.get("ids") == ids:
+                    self.reused += 1
                     return {**cached, "name": name, "kind": kind}
             except RunError:
                 pass  # a damaged cache entry is recomputed
@@ -190,6 +219,7 @@ class _Arms:
                  **{k: v.tolist() for k, v in scores.items()}}  # fmt: skip
         entry["checksum"] = manifest_checksum(entry)
         write_json(path, entry)
+        self.computed += 1
         return {**entry, "name": name, "kind": kind}
 
     def _finetuned(self, rows: np.ndarray, name: str, r: EvalRecipe):
@@ -203,7 +233,7 @@ class _Arms:
         work = Path(tempfile.mkdtemp(prefix="gist-eval-"))
         try:
             run_warmup(model, examples, self.tokenizer.pad_token_id, work, epochs=r.epochs, lr=r.lr, batch_size=r.batch, seed=r.seed,
-                       device=self.device, autocast_dtype=self.autocast,
+                       device=self.device, autocast_dtype=self.autocast, desc=f"fine-tune {name}",
                        progress=lambda d, t, _: self.progress(f"fine-tuning {name}", d, t))  # fmt: skip
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -254,7 +284,7 @@ def evaluate(run: Run, test: str | Path, selections: Selection | list[Selection]
                   "recipe": asdict(recipe), "baselines": baselines, "train_seeds": train_seeds, "bootstrap": BOOTSTRAP, "arms": out}  # fmt: skip
         result["id"] = _key([a.get("selection") for a in out], arms.identity, baselines, *([train_seeds] if train_seeds > 1 else []))
         write_json(run.path / "evals" / f"{result['id']}.json", result)
-    return result
+    return result | {"runs_reused": arms.reused, "runs_computed": arms.computed}  # this call's cache use (not stored)
 
 
 def past_evaluations(run: Run) -> list[dict]:

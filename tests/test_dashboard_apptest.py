@@ -653,7 +653,7 @@ def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypa
                                                                      {"role": "assistant", "content": f"{101 + i}."}],
                                         "choices": [f"{101 + i}.", f"{102 + i}."], "answer_index": 0}) + "\n" for i in range(8)))  # fmt: skip
     at = app(run_dir, monkeypatch, "evaluate")
-    assert any("No evaluation of this run yet" in i.value for i in at.info)
+    assert any("No evaluation for target" in i.value for i in at.info)
     at.text_input(key="eval_test").set_value(str(test))
     at.number_input(key="eval_baselines").set_value(2)
     at.number_input(key="eval_epochs").set_value(1)
@@ -715,3 +715,11 @@ def test_add_target_switch_compare_and_combine(tiny_llama, monkeypatch: pytest.M
     assert manifest["method"] == "combined" and [p["target"] for p in manifest["method_info"]["parts"]] == ["val", "animals"]
     expected = combine(run_dir, [Part("val", "gist", 6, 1), Part("animals", "gist", 6, 1)], 2, edits=[])
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == expected.ids
+    # Evaluate offers each target its own test file: test.jsonl beside the first target's validation file is for it only
+    (Path(val).parent / "test.jsonl").write_text("")
+    at.sidebar.selectbox(key="target").set_value("val")
+    at.switch_page("views/evaluate.py").run()
+    assert_clean(at)
+    assert at.text_input(key="eval_test").value == str(Path(val).parent / "test.jsonl")
+    at.sidebar.selectbox(key="target").set_value("animals").run()
+    assert not at.text_input(key="eval_test").value and any("No evaluation for target" in i.value for i in at.info)

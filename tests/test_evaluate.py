@@ -91,9 +91,19 @@ def test_cli_evaluate_arms_cache_and_comparison(evaluated, monkeypatch, capsys):
     # stored in the run, and a second evaluation reuses every arm
     assert (run_dir / "evals" / f"{result['id']}.json").exists()
     monkeypatch.setattr("gist_backend.engine.warmup.run_warmup", lambda *a, **k: pytest.fail("an arm was fine-tuned again"))
-    cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", "10", "--rank", "4", "--baselines", "random:2",
-              "--epochs", "1", "--lr", "1e-3"])  # fmt: skip
-    assert "gist-r4" in capsys.readouterr().out
+    capsys.readouterr()
+    again = ["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", "10", "--rank", "4", "--baselines", "random:2",
+             "--epochs", "1", "--lr", "1e-3", "--json", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit):  # the earlier report is a user's file now: not replaced without --force
+        cli_main(again)
+    assert "already exists; pass --force" in capsys.readouterr().err and json.loads(out.read_text()) == result
+    cli_main([*again, "--force"])
+    printed = capsys.readouterr().out
+    assert "gist-r4" in printed and "4 of 4 fine-tunes and scorings were reused" in printed
+    second = json.loads(out.read_text())
+    assert (result["runs_computed"], result["runs_reused"], second["runs_computed"], second["runs_reused"]) == (4, 0, 0, 4)
+    same = lambda r: {k: v for k, v in r.items() if k not in ("created", "runs_reused", "runs_computed")}  # noqa: E731
+    assert same(second) == same(result)
 
 
 def test_evaluate_refuses_a_test_set_overlapping_the_run(evaluated, toy_data, capsys):
@@ -101,10 +111,13 @@ def test_evaluate_refuses_a_test_set_overlapping_the_run(evaluated, toy_data, ca
     leaky = root / "leaky.jsonl"
     pool_line = Path(toy_data[0]).read_text().splitlines()[5]
     renamed = json.loads(pool_line) | {"id": "a-fresh-id"}  # same conversation under another id
-    leaky.write_text(json.dumps(renamed) + "\n" + json.dumps(_test_records(1)[0]) + "\n")
-    with pytest.raises(SystemExit) as exit_:
-        cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(leaky), "--budget", "10", "--baselines", "random:1"])
-    assert exit_.value.code == 2 and "also appear in run" in capsys.readouterr().err
+    near = json.loads(pool_line) | {"id": "another-id"}  # the same conversation with other case and spacing
+    near["messages"] = [m | {"content": "  " + m["content"].upper().replace(" ", "   ") + " "} for m in near["messages"]]
+    for leak in (renamed, near):
+        leaky.write_text(json.dumps(leak) + "\n" + json.dumps(_test_records(1)[0]) + "\n")
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(leaky), "--budget", "10", "--baselines", "random:1"])
+        assert exit_.value.code == 2 and "1 test record(s) also appear in run" in capsys.readouterr().err
 
 
 def test_evaluate_an_exported_selection_file(evaluated, capsys):
@@ -115,7 +128,15 @@ def test_evaluate_an_exported_selection_file(evaluated, capsys):
     run = open_run(run_dir)
     sel = selection_from_file(run, root / "sel.jsonl")
     expected = select(run, budget=6)
-    assert sel.ids == expected.ids and sel.method == "file:sel"
+    assert sel.ids == expected.ids and (sel.method, sel.rank) == ("gist", run.k_max)  # as its manifest says
+    edited = root / "sel-edited.jsonl"  # changed after export: its manifest no longer describes it
+    edited.write_text("".join((root / "sel.jsonl").read_text().splitlines(keepends=True)[:4]))
+    (root / "sel-edited.jsonl.manifest.json").write_text((root / "sel.jsonl.manifest.json").read_text())
+    sel = selection_from_file(run, edited)
+    assert sel.ids == expected.ids[:4] and (sel.method, sel.rank) == ("file:sel-edited", None)
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--selection", str(edited), "--budget", "6"])
+    assert "either --selection FILE.jsonl or --method/--rank/--budget" in capsys.readouterr().err
 
 
 def test_train_seeds_average_fine_tunes_and_reuse_the_first_seed(evaluated, monkeypatch):

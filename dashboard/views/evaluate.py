@@ -15,8 +15,9 @@ esc = session.escape
 ui.header("Evaluate", f"Does the selection ({ui.settings_line(run)}) help the target more than random examples do? "
           "Each arm is fine-tuned on its examples and scored on held-out questions.")  # fmt: skip
 recipe = backend.eval_recipe(run)
-if "eval_test" not in st.session_state:
+if st.session_state.get("eval_test_target") != run.target:  # first visit, or the target changed: offer that target's test file
     st.session_state["eval_test"] = backend.suggested_test_file(run)
+    st.session_state["eval_test_target"] = run.target
 
 with st.form("evaluate", border=True):
     c = st.columns([4, 1, 1, 1, 1], vertical_alignment="bottom")
@@ -65,9 +66,13 @@ def job_panel() -> None:
 st.fragment(job_panel, run_every=2 if jobs.job_status(run.path, "evaluate").state == "running" else None)()
 
 st.subheader("Past evaluations", anchor=False)
-past = backend.past_evaluations(run)
+every = backend.past_evaluations(run)
+past = [r for r in every if r.get("target", run.targets[0]) == run.target]
+if len(every) > len(past):
+    st.caption(f"{len(every) - len(past)} evaluation(s) of the run's other targets: switch the target in the sidebar to see them.")
 if not past:
-    st.info("No evaluation of this run yet. Give a held-out test file above; `gist-curate evaluate` does the same from a terminal.")
+    st.info(f"No evaluation for target {session.code(run.target)} yet. Give a held-out test file above; "
+            "`gist-curate evaluate` does the same from a terminal.")  # fmt: skip
     st.stop()
 labels = {r["id"]: f"{r['created'][:16].replace('T', ' ')} · {', '.join(a['name'] for a in r['arms'] if a['kind'] == 'selection')}" for r in past}
 chosen = st.multiselect("Evaluations side by side", list(labels), default=list(labels)[:2], format_func=labels.get, key="eval_shown",

@@ -85,8 +85,9 @@ def run_warmup(
     max_tokens: int = 8192,
     autocast_dtype: torch.dtype | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    desc: str = "warmup",
 ) -> list[dict]:
-    """Train the attached LoRA adapter; return one {"epoch", "dir", "mean_lr"} per checkpoint."""
+    """Train the attached LoRA adapter; return one {"epoch", "dir", "mean_lr"} per checkpoint (``desc`` labels the progress bar)."""
     device = torch.device(device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in named], lr=lr, weight_decay=weight_decay)
@@ -107,7 +108,7 @@ def run_warmup(
         load_optimizer(last / "optimizer.safetensors", optimizer, named)
 
     amp = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else None
-    bar = tqdm(total=total_steps, initial=done * steps_per_epoch, desc="warmup", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=done * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True)
     for epoch in range(done + 1, epochs + 1):
         model.train()
         order = list(range(len(examples)))
