@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ComputeConfig  # noqa: F401 (public: from gist_backend.compute import ComputeConfig)
+from .config import ComputeConfig, pool_sketch_dim  # noqa: F401 (ComputeConfig is public: from gist_backend.compute import ComputeConfig)
 from .engine.device import barrier, distributed, resolve_device, resolve_dtypes
 from .engine.grads import lora_factors
 from .engine.records import fingerprint, resolve_input
@@ -226,7 +226,7 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
             t0 = time.perf_counter()
             progress("merging", 0, 1, force=True)
             manifest["warnings"] = degenerate_subspace_warnings(len(prepared.val), config.k_max)
-            manifest["reusable"] = {"dim": config.sketch_dim, "seed": config.seed} if config.reusable else None
+            manifest["reusable"] = {"dim": pool_sketch_dim(config.sketch_dim, d), "seed": config.seed} if config.reusable else None
             merge(run_dir, manifest, prepared, checkpoints, chosen, target, config.val, fingerprints["val"], config.shard_size)
             timings["merge"] = round(time.perf_counter() - t0, 3)
             write_manifest(run_dir / "manifest.json", manifest)

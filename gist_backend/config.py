@@ -29,6 +29,11 @@ def needs_sketches(methods: Iterable[str]) -> bool:
     return any(m in SKETCH_METHODS for m in methods)
 
 
+def pool_sketch_dim(sketch_dim: int, d: int) -> int:
+    """Width of the reusable pool sketch: ``sketch_dim``, but never wider than the gradient (then it is the gradient itself)."""
+    return min(int(sketch_dim), int(d))
+
+
 def check_rank(rank: int | None, k_max: int) -> int:
     """The subspace rank to use: None means k_max; anything outside 1..k_max is a ValueError (0 is not k_max)."""
     if rank is None:
@@ -71,7 +76,7 @@ class ComputeConfig:
     less_dim: int = _opt(8192, "random projection size of the LESS/G2IS sketches")
     reusable: bool = _opt(False, "also keep a target-independent sketch of every pool gradient (sketch_dim × 2 bytes per example), so "
                                  "`gist-curate add-target` adds targets without another pass over the pool", execution=True)
-    sketch_dim: int = _opt(16384, "size of the reusable sketch (--reusable); 16384 keeps add-target's top 5 % within the goal (bench/RESULTS.md)",
+    sketch_dim: int = _opt(16384, "size of the reusable sketch (--reusable; at most the gradient's size d); 16384 keeps add-target's top 5 % within the goal (bench/RESULTS.md)",
                            execution=True)  # fmt: skip
     seed: int = _opt(0, "seed of the warmup subset, LoRA init, projection and shuffling")
     dtype: str = _opt("auto", "weights and autocast: auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16",

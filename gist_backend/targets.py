@@ -112,7 +112,8 @@ def add_target(run_dir: str | Path, val_files: list[str], name: str, *, device: 
     reusable = run.manifest.get("reusable")
     if not reusable:
         raise RunError(f"{run.path} was computed without --reusable, so it keeps no sketch of the pool's gradients to add a target from. "
-                       f"Recompute it with `gist-curate compute … --reusable` (or compute a new run for {name!r}).")  # fmt: skip
+                       f"Recompute it with the same `gist-curate compute …` command plus `--overwrite --reusable` "
+                       f"(the old run stays readable until the new one is complete), or compute a new run for {name!r}.")  # fmt: skip
     if sketch_dim is not None:
         subsample_columns(int(reusable["dim"]), int(sketch_dim), 0)  # refuse a bad size before any gradient is computed
     t0 = time.perf_counter()

@@ -172,3 +172,18 @@ def test_combined_selection_across_targets(two_targets, tmp_path, capsys):
         with pytest.raises(SystemExit):
             cli_main(["combine", "--run-dir", str(run_dir), "--part", "val", "--budget", "4", "--out", str(dest)])
     assert two_targets["pool"].read_bytes() == pool_bytes and len(out.read_text().splitlines()) == 8
+
+
+def test_a_sketch_wider_than_the_gradient_is_the_gradient(two_targets, tmp_path):
+    """--sketch-dim above d stores d columns (the gradient itself, no padding), and add-target is then exact."""
+    from gist_backend.runs.files import read_npy
+
+    run_dir = compute(ComputeConfig(model=str(two_targets["model"]), train=[str(two_targets["pool"])], val=[str(two_targets["val"])],
+                                    reusable=True, sketch_dim=1 << 20, **COMMON), tmp_path / "wide")  # fmt: skip
+    run = open_run(run_dir)
+    d = run.manifest["d"]
+    assert run.manifest["reusable"]["dim"] == d and read_npy(run.paths["gist_sketch"]).shape[-1] == d
+    cli_main(["add-target", "--run-dir", str(run_dir), "--val", str(two_targets["other"]), "--name", "animals"])
+    added, fresh = open_run(run_dir, "animals"), open_run(two_targets["fresh"])
+    for method in ("gist", "gist-global"):  # fp16 storage of the exact gradient: equal up to rounding
+        np.testing.assert_allclose(scores(added, method), scores(fresh, method), atol=5e-3)

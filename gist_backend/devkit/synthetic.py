@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from ..config import COMPUTE_METHODS, needs_sketches
 from ..methods import geometry
 from ..methods.gist import fit_subspace
 from ..runs.files import atomic_path, tool_version, utc_now, write_json
@@ -236,7 +237,7 @@ def synthetic_run(
 ) -> Path:
     """Write a complete run (manifest status "complete") in the ``runs`` format into ``run_dir``; returns it."""
     methods = list(dict.fromkeys(["gist", *methods]))
-    bad = set(methods) - {"gist", "less", "g2is"}
+    bad = set(methods) - set(COMPUTE_METHODS)
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(sorted(bad))}; synthetic runs support gist, less, g2is")
     if n_train < 1 or n_val < 2 or n_tasks < 1 or n_ckpt < 1 or n_sources < 1 or k_max < 1:
@@ -252,7 +253,7 @@ def synthetic_run(
             shutil.rmtree(run_dir / cache, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    sketching = bool({"less", "g2is"} & set(methods))
+    sketching = needs_sketches(methods)
     train, val, src_idx, val_task_idx = _tables(rng, n_train, n_val, n_tasks, n_sources)
     lat = _latent(rng, src_idx, val_task_idx, n_tasks, n_sources)
     rng_sketch = np.random.default_rng([seed, 1])  # separate stream: coordinates do not depend on the methods asked for

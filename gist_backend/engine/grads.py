@@ -102,7 +102,7 @@ def lora_factors(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
             owners[f"{module_name}.weight"] = module
     factors = [(name, owners[name]) for name, p in model.named_parameters() if p.requires_grad and name in owners]
     if not factors:
-        raise ValueError("the model has no trainable LoRA weights; attach an adapter first (gist_backend.model.attach_lora)")
+        raise ValueError("the model has no trainable LoRA weights; attach an adapter first (gist_backend.engine.model.attach_lora)")
     if any(module.bias is not None for _, module in factors):
         raise ValueError("LoRA factors with a bias are not supported")
     return factors

@@ -144,7 +144,7 @@ def _load_safetensors(path: Path, names: Sequence[str], shapes: Sequence[torch.S
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         if "beta1" not in meta or "beta2" not in meta:
-            raise ValueError(f"{path} is a safetensors file without beta1/beta2 metadata; write it with gist_backend.adam.save_adam_state")
+            raise ValueError(f"{path} is a safetensors file without beta1/beta2 metadata; write it with gist_backend.methods.adam.save_adam_state")
         keys = set(f.keys())
         stored = sorted(k[: -len(".exp_avg")] for k in keys if k.endswith(".exp_avg"))
         matched = _match_names(names, stored, str(path))

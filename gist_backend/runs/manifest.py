@@ -17,13 +17,13 @@ import os
 import re
 from pathlib import Path
 
+from ..config import needs_sketches
 from .files import RunError, json_default, file_sha256, read_json, write_json
 
 FORMAT = "gist-curator-run"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SKETCH_METHODS = ("less", "g2is")
 
 
 def check_target_name(name: str) -> str:
@@ -49,7 +49,7 @@ def target_files(name: str, sketches: bool) -> list[str]:
 
 def has_sketches(manifest: dict) -> bool:
     """True when the run stored LESS/G2IS sketches."""
-    return any(m in SKETCH_METHODS for m in manifest.get("methods") or [])
+    return needs_sketches(manifest.get("methods") or [])
 
 
 def expected_files(manifest: dict) -> list[str]:

@@ -40,6 +40,7 @@ import numpy as np
 import polars as pl
 
 from .files import RunError, read_json, read_npy, read_parquet, read_tensors, utc_now, write_json, write_npy, write_parquet, write_tensors
+from ..config import SKETCH_METHODS
 from .manifest import FORMAT, FORMAT_VERSION, check_files, has_sketches, read_manifest, record_file, target_dir, write_manifest
 
 DEFAULT_ROOT = Path("cache")
@@ -339,7 +340,7 @@ def describe(run: Run) -> dict:
         less = m.get("less") or {"checkpoints": [c["name"] for c in m.get("checkpoints", [])]}
         sketch = np.load(run.paths["train_sketch"], mmap_mode="r", allow_pickle=False)
         per_example = int(sketch.shape[0] * sketch.shape[2] * sketch.dtype.itemsize)
-        for name in ("less", "g2is"):
+        for name in SKETCH_METHODS:
             if name in run.methods:
                 methods[name] = {"checkpoints": list(less["checkpoints"]), "bytes_per_example": per_example}
     return {

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ComputeConfig
+from ..config import ComputeConfig, pool_sketch_dim
 from ..engine.grads import iter_gradients, lora_factors
 from ..methods import geometry
 from ..methods.gist import Projector, fit_subspace
@@ -99,7 +99,7 @@ def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpo
     from ..methods.projection import make_projection, project
 
     reusable = gist and config.reusable  # the target-independent sketch S g of SGD gradients, for add-target
-    pool_proj = make_projection(d, config.sketch_dim, config.seed) if reusable else None
+    pool_proj = make_projection(d, pool_sketch_dim(config.sketch_dim, d), config.seed) if reusable else None
     if sketch:
         from ..methods.adam import adam_precondition
 
@@ -118,7 +118,7 @@ def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpo
         if sketch:
             expected["sketch"] = (len(shard), config.less_dim)
         if reusable:
-            expected["pool_sketch"] = (len(shard), config.sketch_dim)
+            expected["pool_sketch"] = (len(shard), pool_proj.p)
         if dump is None and tensors_complete(shard_path(ckpt_dir, s), expected):
             continue  # finished earlier (a damaged or mismatched shard is recomputed)
         out = {name: np.empty(shape, np.float16 if name.endswith("sketch") else np.float32) for name, shape in expected.items()}
