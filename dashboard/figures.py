@@ -101,7 +101,7 @@ def heatmap_pair(block: np.ndarray, gist_block: np.ndarray | None, labels: Seque
 
 def bar_figure(labels: Sequence[str], values: Sequence[float], title: str, x_title: str = "", fmt: str = ".3f", height: int = 260) -> go.Figure:
     """A plain horizontal bar chart."""
-    fig = go.Figure(go.Bar(x=list(values), y=list(labels), orientation="h", marker_color=PALETTE[0],
+    fig = go.Figure(go.Bar(x=list(values), y=[plain(label) for label in labels], orientation="h", marker_color=PALETTE[0],
                            texttemplate="%{x:" + fmt + "}", textposition="auto", hovertemplate="%{y}: %{x:" + fmt + "}<extra></extra>"))  # fmt: skip
     fig.update_layout(title=dict(text=title, font=dict(size=14)))
     fig.update_xaxes(title_text=x_title)
@@ -281,8 +281,8 @@ def source_mix_figure(mix: dict[str, dict[str, float]]) -> go.Figure:
     sources = sorted({s for shares in mix.values() for s in shares})
     fig = go.Figure()
     for i, source in enumerate(sources):
-        fig.add_trace(go.Bar(y=list(mix), x=[mix[m].get(source, 0.0) for m in mix], name=source, orientation="h",
-                             marker_color=PALETTE[i % len(PALETTE)], hovertemplate=source + ": %{x:.1%}<extra>%{y}</extra>"))  # fmt: skip
+        fig.add_trace(go.Bar(y=list(mix), x=[mix[m].get(source, 0.0) for m in mix], name=plain(source), orientation="h",
+                             marker_color=PALETTE[i % len(PALETTE)], hovertemplate="%{fullData.name}: %{x:.1%}<extra>%{y}</extra>"))  # fmt: skip
     fig.update_layout(barmode="stack")
     fig.update_xaxes(tickformat=".0%", range=[0, 1])
     fig.update_yaxes(autorange="reversed")
@@ -325,7 +325,7 @@ def evaluation_figure(evaluations: Sequence[tuple[str, dict]]) -> go.Figure:
                 continue
             v = [a["vs_random"][key] for a in shown]
             fig.add_trace(go.Scatter(
-                x=[d["diff"] * scale for d in v], y=[f"{a['name']} · {label}" for a in shown], mode="markers", marker=dict(color=colour, size=9),
+                x=[d["diff"] * scale for d in v], y=[plain(f"{a['name']} · {label}") for a in shown], mode="markers", marker=dict(color=colour, size=9),
                 error_x=dict(type="data", symmetric=False, array=[(d["high"] - d["diff"]) * scale for d in v],
                              arrayminus=[(d["diff"] - d["low"]) * scale for d in v]),
                 name=label, legendgroup=label, showlegend=col == 1,

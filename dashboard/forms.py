@@ -11,6 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from dashboard.jobs import compute_problems
 from dashboard.paths import resolve_allowed
 from gist_backend.config import COMPUTE_METHODS, METHOD_LABELS, RECIPES, ComputeConfig, with_recipe
 
@@ -61,7 +62,7 @@ def compute_form() -> tuple[ComputeConfig | None, str, list[str]]:
         if f.name in HIDDEN:
             values[f.name] = getattr(base, f.name)
     config = ComputeConfig(**values)
-    return config, name, config.problems() + path_problems(config)
+    return config, name, compute_problems(config) + path_problems(config)
 
 
 def path_problems(config: ComputeConfig) -> list[str]:

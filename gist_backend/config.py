@@ -147,12 +147,18 @@ class ComputeConfig:
             if isinstance(value, bool):
                 argv += ([] if value else ["--no-" + f.name.replace("_", "-")]) if f.default is True else ([flag] if value else [])
             elif f.name in ("train", "val"):
-                argv += [flag, *value]
+                argv += [flag, *(_not_an_option(v) for v in value)]
             elif isinstance(value, list):
                 argv += [flag, ",".join(value)]
             elif value is not None and value != "":
-                argv += [flag, str(value)]
+                argv += [flag, _not_an_option(value) if f.name in ("model", "adapter", "model_cache_dir") else str(value)]
         return argv
+
+
+def _not_an_option(path) -> str:
+    """A relative path that starts with '-' written './-…', so that a command line never reads a file name as an option."""
+    text = str(path)
+    return "./" + text if text.startswith("-") else text
 
 
 # Published recipes: the LoRA and warmup settings of the GIST and LESS papers (Llama-class models on GPUs).

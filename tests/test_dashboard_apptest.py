@@ -602,6 +602,11 @@ def test_compute_form_refuses_paths_outside_the_allowed_folders(run_dir: Path, m
     errors = " ".join(plain(e.value) for e in at.error)
     assert "pool file is not allowed" in errors and "validation file is not allowed" in errors and "model" not in errors.split("allowed")[0]
     assert not list(outside.rglob("compute.pid")) and not list(run_dir.parent.rglob("compute.pid"))
+    # a line read as an option by the compute command would write outside them: refused before anything starts
+    at.text_area(key="cf_tool defaults_train").set_value(f"pool.jsonl\n--dump-full-grads={outside / 'dump'}")
+    button(at, "Start computing").click().run()
+    assert any("starts with '-'" in plain(e.value) for e in at.error), [plain(e.value) for e in at.error]
+    assert not (outside / "dump").exists() and not list(run_dir.parent.rglob("compute.pid"))
     # a runs folder outside the allowed ones is refused too
     at.session_state["runs_root"] = str(outside)
     at.run()
@@ -618,12 +623,21 @@ def hostile_run(tiny_llama, tmp_path_factory) -> Path:
     rows = [{"id": payloads[i % 4] + f" {i}", "dataset": payloads[(i + 1) % 4],
              "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}
             for i in range(24)]  # fmt: skip
-    val = [{"id": f"v{i}", "task": "t", "messages": [{"role": "user", "content": f"Add {i} and 1."}, {"role": "assistant", "content": f"{i + 1}."}]}
-           for i in range(6)]  # fmt: skip
+    val = [{"id": f"v{i}", "task": ["<b>t</b>", "<img src=y onerror=alert(2)>"][i % 2],
+            "messages": [{"role": "user", "content": f"Add {i} and 1."}, {"role": "assistant", "content": f"{i + 1}."}]} for i in range(6)]  # fmt: skip
     (root / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
     config = ComputeConfig(model=str(tiny_llama), train=[str(root / "pool.jsonl")], val=[str(root / "val.jsonl")], k_max=4, warmup=False, max_len=64)
     return Path(compute(config, root / "run"))
+
+
+def _strings(tree) -> list[str]:
+    """Every string in a decoded JSON tree (keys excluded)."""
+    if isinstance(tree, str):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    return [s for item in tree for s in _strings(item)] if isinstance(tree, list) else []
 
 
 def test_user_text_is_never_rendered_as_markdown(hostile_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -634,6 +648,9 @@ def test_user_text_is_never_rendered_as_markdown(hostile_run: Path, monkeypatch:
         shown = [e.value for kind in ("markdown", "caption", "warning", "info", "success", "error") for e in at.get(kind)]
         for text in (re.sub(r"`[^`]*`", "", t) for t in shown):  # inside a code span markdown is not interpreted
             assert "![" not in text and "<img" not in text and ":red[" not in text and "](javascript" not in text, (view, text)
+        for chart in at.get("plotly_chart"):  # Plotly draws pseudo-HTML in names, labels and hover text: tags must arrive escaped
+            texts = _strings(json.loads(chart.proto.spec))
+            assert not [t for t in texts if "<img" in t or "<b>" in t], (view, [t for t in texts if "<" in t][:5])
     at.switch_page("views/examples.py").run()
     assert any("\\!\\[pixel\\]" in c.value or "ʼcodeʼ" in m.value for c in at.caption for m in at.markdown)  # shown, escaped
 

@@ -834,3 +834,11 @@ def test_dashboard_form_rejects_option_like_paths():
     config = ComputeConfig(model="m", train=["pool.jsonl", "--dump-full-grads", "/tmp/anywhere"], val=["v.jsonl"])
     assert any("--dump-full-grads" in problem for problem in jobs.compute_problems(config))
     assert not jobs.compute_problems(ComputeConfig(model="m", train=["./-odd-name.jsonl"], val=["v.jsonl"]))
+    # and should one reach the launcher anyway, its argv still reads it as a file name, never as an option
+    from gist_backend.cli import build_parser, config_from_args
+
+    odd = ComputeConfig(model="-m", train=["-a.jsonl", "--dump-full-grads=/tmp/x"], val=["-v.jsonl"], adapter="-ad")
+    args = build_parser().parse_args(["compute", *odd.to_argv(), "--run-dir", "r"])
+    back = config_from_args(args)
+    assert args.dump_full_grads is None and (back.model, back.train, back.val, back.adapter) == (
+        "./-m", ["./-a.jsonl", "./--dump-full-grads=/tmp/x"], ["./-v.jsonl"], "./-ad")
