@@ -220,6 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(err))
     except OSError as err:
         _fail(_os_error(err))
+    except Exception as err:  # libraries that wrap OS errors in their own types (safetensors: SafetensorError)
+        if "No space left on device" not in str(err):
+            raise
+        _fail(_os_error(OSError(errno.ENOSPC, "No space left on device")))
     except KeyboardInterrupt:
         print("interrupted" + ("; re-run the same command to resume" if args.command in RESUMABLE else ""), file=sys.stderr)
         raise SystemExit(130) from None

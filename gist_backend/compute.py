@@ -291,8 +291,9 @@ def degenerate_subspace_warnings(n_val: int, k_max: int) -> list[str]:
     """Warnings for a subspace too small to rank by: with one direction every GIST score is ±1."""
     out = []
     if min(n_val, k_max) < 2:
-        out.append(f"the task subspace has {min(n_val, k_max)} direction (validation examples: {n_val}, k_max: {k_max}): "
-                   "every GIST score is ±1 and the ranking is meaningless. Give more validation examples and k_max ≥ 2.")  # fmt: skip
+        cause = f"only {n_val} validation example" if n_val < 2 else f"--k-max {k_max}"
+        fix = "Give more validation examples (10 or more)" if n_val < 2 else "Use --k-max 2 or more"
+        out.append(f"the task subspace has 1 direction ({cause}): every GIST score is ±1 and the ranking is meaningless. {fix}.")
     elif n_val < 10:
         out.append(f"only {n_val} validation examples: the task subspace has at most {n_val} directions and GIST scores are coarse. "
                    "Give at least 10 (the papers use a few per sub-task, hundreds in all).")  # fmt: skip

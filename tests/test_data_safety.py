@@ -78,6 +78,10 @@ def test_export_refuses_inputs_run_files_and_existing_files(base, tmp_path, caps
     assert "is a folder" in _error(capsys, ["select", "--run-dir", str(run), "--budget", "3", "--out", str(tmp_path)])
     assert "output path is empty" in _error(capsys, ["select", "--run-dir", str(run), "--budget", "3", "--out", " "])
     assert "is an input of run" in _error(capsys, ["scores", "--run-dir", str(run), "--out", str(base["val"]), "--force"])
+    model_config = Path(base["model"]) / "config.json"  # the model folder is an input too
+    before = model_config.read_bytes()
+    assert "is an input of run" in _error(capsys, ["select", "--run-dir", str(run), "--budget", "3", "--out", str(model_config), "--force"])
+    assert model_config.read_bytes() == before
 
 
 def _umask() -> int:
@@ -248,6 +252,29 @@ def test_disk_full_and_read_only_folders_are_explained(base, tmp_path, monkeypat
     monkeypatch.setattr(files.os, "fsync", full)
     err = _error(capsys, ["select", "--run-dir", str(base["run"]), "--budget", "3", "--out", str(tmp_path / "x.jsonl")])
     assert "disk is full" in err and not list(tmp_path.glob(".x.jsonl.*"))
+    monkeypatch.undo()
+    # the records fit but the manifest beside them does not: neither is left, so the same command works once there is room
+    monkeypatch.setattr("gist_backend.curation.export.write_json", lambda *a: full(None))
+    assert "disk is full" in _error(capsys, ["select", "--run-dir", str(base["run"]), "--budget", "3", "--out", str(tmp_path / "y.jsonl")])
+    assert not list(tmp_path.glob("*y.jsonl*"))
+    monkeypatch.undo()
+    cli_main(["select", "--run-dir", str(base["run"]), "--budget", "3", "--out", str(tmp_path / "y.jsonl")])
+    assert len((tmp_path / "y.jsonl").read_text().splitlines()) == 3 and (tmp_path / "y.jsonl.manifest.json").exists()
+    # a library that reports a full disk in its own exception type (safetensors) gets the same sentence, not a traceback
+    from safetensors import SafetensorError
+
+    def full_tensors(*a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr("safetensors.numpy.save_file", full_tensors)
+    argv = ["compute", "--model", str(base["model"]), "--train", str(base["pool"]), "--val", str(base["val"]), "--no-warmup", "--k-max", "4",
+            "--max-len", "64", "--run-dir", str(tmp_path / "full-run")]  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(argv)
+    err = capsys.readouterr().err  # after the progress bars, one sentence
+    assert exit_.value.code == 2 and "\nerror: the disk is full" in err and "Traceback" not in err, err
+    monkeypatch.setattr(files.os, "fsync", full)
     monkeypatch.setattr(files.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EROFS, "Read-only file system", str(tmp_path))))
     assert "read-only or not yours" in _error(capsys, ["edit", "--run-dir", str(base["run"]), "exclude", open_run(base["run"]).train["id"][0]])
 
@@ -300,6 +327,6 @@ def test_a_degenerate_subspace_is_warned_about(base, tmp_path, capsys):
     one = tmp_path / "one.jsonl"
     one.write_text(base["val"].read_text().splitlines()[0] + "\n")
     run = open_run(compute(_config(base["model"], base["pool"], one), tmp_path / "run"))
-    assert run.k_max == 1 and "every GIST score is ±1" in run.manifest["warnings"][0]
+    assert run.k_max == 1 and "every GIST score is ±1" in run.manifest["warnings"][0] and "(only 1 validation example)" in run.manifest["warnings"][0]
     cli_main(["info", "--run-dir", str(run.path)])
     assert "warning: the task subspace has 1 direction" in capsys.readouterr().out

@@ -600,9 +600,11 @@ def test_consistently_edited_tables_and_arrays_give_clear_errors(copy):
         (f"{T}/val_coords.npy", lambda: np.save(copy / T / "val_coords.npy", np.load(copy / T / "val_coords.npy")[:, :, :3]), "val k differs"),
         (f"{T}/gist_norm.npy", lambda: np.save(copy / T / "gist_norm.npy", np.full_like(np.load(copy / T / "gist_norm.npy"), np.nan)), "NaN norms"),
         (f"{T}/gist_unit.npy", lambda: np.save(copy / T / "gist_unit.npy", _with_nan(np.load(copy / T / "gist_unit.npy"))), "a NaN coordinate"),
+        (f"{T}/gist_norm.npy", lambda: np.save(copy / T / "gist_norm.npy", -np.load(copy / T / "gist_norm.npy")), "negative norms"),
+        ("grad_norms.npy", lambda: np.save(copy / "grad_norms.npy", -np.load(copy / "grad_norms.npy")), "negative gradient norms"),
         (f"{T}/less_scores.npy", lambda: np.save(copy / T / "less_scores.npy", _with_nan(np.load(copy / T / "less_scores.npy"))), "a NaN LESS score"),
     ]
-    names = ("train.parquet", f"{T}/gist_unit.npy", f"{T}/gist_norm.npy", f"{T}/val_coords.npy", f"{T}/less_scores.npy", "manifest.json")
+    names = ("train.parquet", f"{T}/gist_unit.npy", f"{T}/gist_norm.npy", "grad_norms.npy", f"{T}/val_coords.npy", f"{T}/less_scores.npy", "manifest.json")
     backup = {n: (copy / n).read_bytes() for n in names}
     for names, damage, case in cases:
         damage()

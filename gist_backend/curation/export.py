@@ -8,12 +8,13 @@ resolved), into a run folder, over a folder, or over an existing file unless ``f
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
-from ..runs.files import atomic_path, file_sha256, tool_version, utc_now, write_json
+from ..runs.files import atomic_path, tool_version, utc_now, write_json
 from ..runs.manifest import FORMAT
 from ..runs.store import Run
 from .selection import Selection
@@ -22,9 +23,10 @@ EXPORT_VERSION = 2  # version 2: `_gist` fields "position" (1 = first) and "rank
 
 
 def input_paths(run: Run) -> list[Path]:
-    """Every input file or dataset folder of the run (pool and every target), resolved."""
+    """Every input file or folder of the run (pool, every target, a local model, adapter or model cache), resolved."""
     config = run.manifest.get("config") or {}
     given = list(config.get("train") or []) + list(config.get("val") or [])
+    given += [config[k] for k in ("model", "adapter", "model_cache_dir") if config.get(k) and Path(str(config[k])).expanduser().exists()]
     for target in run.manifest.get("targets") or []:
         given += list(target.get("files") or [])
     given += list(run.manifest.get("inputs") or [])
@@ -100,19 +102,21 @@ def export_jsonl(run: Run, selection: Selection, out_path: str | Path, *, with_m
             raw = json.dumps(json.loads(raw), ensure_ascii=False)
             reserialised += 1
         lines.append(raw)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes("".join(line + "\n" for line in lines).encode("utf-8"))
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
     manifest_path = out.with_name(out.name + ".manifest.json")
-    write_json(manifest_path, export_manifest(run, selection, out, with_meta, reserialised, len(lines)))
+    manifest = export_manifest(run, selection, out, hashlib.sha256(data).hexdigest(), with_meta, reserialised, len(lines))
+    with atomic_path(out) as tmp:  # the records are written (the step a full disk fails) before either file is renamed into place
+        tmp.write_bytes(data)
+        write_json(manifest_path, manifest)
     return manifest_path
 
 
-def export_manifest(run: Run, selection: Selection, out: Path, with_meta: bool, reserialised: int, count: int) -> dict:
+def export_manifest(run: Run, selection: Selection, out: Path, sha256: str, with_meta: bool, reserialised: int, count: int) -> dict:
     """What an export holds and how it was made: method, rank, budget, edits, shortfall, top-ups and the run's identity."""
     m = run.manifest
     return {
         "format": "gist-curator-export", "version": EXPORT_VERSION, "created": utc_now(), "tool_version": tool_version(),
-        "output": str(out), "output_sha256": file_sha256(out), "count": count, "with_meta": with_meta,
+        "output": str(out), "output_sha256": sha256, "count": count, "with_meta": with_meta,
         "records": "copied verbatim from the run (the bytes read at compute time), not re-read from the input files",
         "reserialised": reserialised, "method": selection.method, "rank": selection.rank, "budget": selection.budget,
         "target": selection.target, "shortfall": selection.shortfall, "topups": selection.topups,

@@ -249,14 +249,18 @@ def _check_train_table(run_dir: Path, table: pl.DataFrame, path: Path) -> pl.Dat
     return table
 
 
-def _finite(array: np.ndarray, path: Path, what: str) -> np.ndarray:
-    """The array, after checking it is floating point and free of NaN and infinities (in blocks: it may be memory-mapped)."""
+def _finite(array: np.ndarray, path: Path, what: str, nonnegative: bool = False) -> np.ndarray:
+    """The array, after checking it is floating point and free of NaN and infinities (in blocks: it may be memory-mapped),
+    and with ``nonnegative`` (norms) that no value is below 0."""
     if array.dtype.kind != "f":
         raise RunError(f"{path}: dtype {array.dtype}, expected floating point {what}.")
     flat = np.ravel(array)
     for start in range(0, flat.size, 1 << 24):
-        if not np.isfinite(flat[start : start + (1 << 24)]).all():
+        block = flat[start : start + (1 << 24)]
+        if not np.isfinite(block).all():
             raise RunError(f"{path}: holds NaN or infinite {what}; the file was edited or the computation diverged. Recompute the run.")
+        if nonnegative and (block < 0).any():
+            raise RunError(f"{path}: holds negative {what}, which no computation gives; the file was edited. Recompute the run.")
     return array
 
 
@@ -280,9 +284,9 @@ def open_run(run_dir: str | Path, target: str | None = None) -> Run:
     train = _check_train_table(run_dir, read_parquet(run_dir / "train.parquet", columns=list(LIGHT_COLUMNS)), run_dir / "train.parquet")
     val = read_parquet(base / "val.parquet")
     unit = _finite(read_npy(base / "gist_unit.npy"), base / "gist_unit.npy", "coordinates")
-    norms = _finite(read_npy(base / "gist_norm.npy"), base / "gist_norm.npy", "coordinate norms")
+    norms = _finite(read_npy(base / "gist_norm.npy"), base / "gist_norm.npy", "coordinate norms", nonnegative=True)
     val_coords = _finite(read_npy(base / "val_coords.npy"), base / "val_coords.npy", "coordinates")
-    grad_norms = _finite(read_npy(run_dir / "grad_norms.npy"), run_dir / "grad_norms.npy", "gradient norms")
+    grad_norms = _finite(read_npy(run_dir / "grad_norms.npy"), run_dir / "grad_norms.npy", "gradient norms", nonnegative=True)
     g, n = unit.shape[0], train.height
     if unit.ndim != 3 or unit.shape[1] != n or norms.shape != (g, n) or grad_norms.shape != (g, n):
         raise RunError(f"{base / 'gist_unit.npy'}: shapes {unit.shape}, {norms.shape}, {grad_norms.shape} do not match {n} pool rows.")
