@@ -77,7 +77,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
     out = check_output(run, args.out, force=args.force, sidecar=False)
     values = scores(run, args.method, args.rank, seed=args.seed)
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
+        writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["id", "score"])
         writer.writerows(zip(run.train["id"].to_list(), (f"{v:.8g}" for v in values)))
     print(f"wrote {len(values)} {METHOD_LABELS[args.method]} scores ({run.target}) to {out}")
@@ -123,6 +123,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
             print(f"{e['time']}  {e['op']:<8} {len(e['ids']):>6} ids{scope}  from {e['origin'].get('kind')}: {e['origin'].get('detail')}")
         return
     if args.op == "undo":
+        if not load_edits(args.run_dir):
+            raise ValueError(f"nothing to undo: run {args.run_dir} has no curation edits")
         print(f"undone; {len(undo(args.run_dir))} edits remain")
         return
     ids = list(args.ids)
@@ -226,6 +228,9 @@ def dashboard_dir() -> Path:
 
 def serve(run_dir: str | None, port: int = 8501, address: str = "127.0.0.1", allow_hosts: list[str] | None = None) -> int:
     """Run the dashboard in the foreground (Ctrl-C stops it); its settings apply wherever it is started."""
+    if run_dir and not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"no run folder {run_dir}; give an existing --run-dir, or leave it out and open a run on the Runs page")
+    _check_port_free(address, port)
     cmd = [sys.executable, "-m", "streamlit", "run", str(dashboard_dir() / "server.py"),
            "--server.address", address, "--server.port", str(port)]  # fmt: skip
     env = dict(os.environ)
@@ -235,6 +240,17 @@ def serve(run_dir: str | None, port: int = 8501, address: str = "127.0.0.1", all
         env["GIST_ALLOWED_HOSTS"] = ",".join(allow_hosts)
     print(f"dashboard: http://{address}:{port}  (Ctrl-C to stop)", flush=True)
     return subprocess.call(cmd, env=env)
+
+
+def _check_port_free(address: str, port: int) -> None:
+    """ValueError naming the port when another program listens on it (before Streamlit prints a URL that is not ours)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError as err:
+            raise ValueError(f"cannot listen on {address}:{port} ({err.strerror}); choose another --port") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

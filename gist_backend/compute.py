@@ -84,14 +84,15 @@ def input_fingerprints(config: ComputeConfig) -> dict:
 def check_same_inputs(manifest: dict, config: ComputeConfig, fingerprints: dict, run_dir: Path) -> None:
     """Refuse to resume or reuse a run whose options or input files differ from this compute's."""
     if manifest.get("config_hash") != config.result_hash():
-        raise RunError(f"{run_dir} holds a run with different options ({manifest.get('config')}). "
+        changed = "; ".join(config.differences(manifest.get("config") or {})) or "options of an older version"
+        raise RunError(f"{run_dir} holds a run with different options ({changed}). "
                        "Use a new --run-dir, the same options to resume, or --overwrite to start again.")  # fmt: skip
     recorded = manifest.get("fingerprints") or {}
     for split in ("train", "val"):
         for path, digest in (recorded.get(split) or {}).items():
             if fingerprints[split].get(path) != digest:
                 raise RunError(f"{path} changed since run {run_dir} was computed from it (sha256 differs). "
-                               "Recompute with --overwrite (or use a new --run-dir) to select from the file as it is now.")  # fmt: skip
+                               "Recompute with --overwrite (or use a new --run-dir) to compute from the file as it is now.")  # fmt: skip
     if recorded.get("model") not in (None, fingerprints["model"]):
         raise RunError(f"the model {config.model} changed since run {run_dir} was computed; recompute with --overwrite or a new --run-dir.")
 
@@ -188,7 +189,7 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
         if main:
             write_bad_records(run_dir / "bad_records.jsonl", prepared.bad)
         if prepared.renamed and main:
-            print(f"{len(prepared.renamed)} id(s) repeated across input files were made unique (e.g. {prepared.renamed[0]['id']!r} → "
+            print(f"{len(prepared.renamed)} id(s) repeated in or across input files were made unique (e.g. {prepared.renamed[0]['id']!r} → "
                   f"{prepared.renamed[0]['new_id']!r}, {prepared.renamed[0]['file']} line {prepared.renamed[0]['line']})")  # fmt: skip
         save(n_train=len(prepared.train), n_val=len(prepared.val), bad_records=len(prepared.bad), renamed_ids=prepared.renamed[:100],
              n_renamed_ids=len(prepared.renamed))  # fmt: skip
@@ -251,7 +252,7 @@ def _checkpoint_passes(config, model, prepared, pad_id: int, checkpoint, ckpt_di
     t0 = time.perf_counter()
     if proc_rank == 0 and (dump is not None or not validation_done(ckpt_dir, target, gist, sketch)):
         validation_pass(config, model, prepared.val, pad_id, ckpt_dir, target, gist=gist, sketch=sketch, device=device,
-                        autocast=autocast, progress=progress, dump_dir=dump)  # fmt: skip
+                        autocast=autocast, progress=progress, dump_dir=dump, name=checkpoint.name)  # fmt: skip
     barrier(world)
     timed("validation", t0)
     t0 = time.perf_counter()

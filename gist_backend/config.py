@@ -98,6 +98,11 @@ class ComputeConfig:
         keys = [f.name for f in fields(self) if not f.metadata.get("execution")]
         return hashlib.sha256(json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
+    def differences(self, recorded: dict) -> list[str]:
+        """The result-determining options that differ from a recorded config, as 'name: recorded → this'."""
+        keys = [f.name for f in fields(self) if not f.metadata.get("execution")]
+        return [f"{k}: {recorded.get(k)!r} → {getattr(self, k)!r}" for k in keys if recorded.get(k) != getattr(self, k)]
+
     def target_name(self) -> str:
         """The target's name: as given, or the first validation file's stem made folder-safe."""
         import re
@@ -116,6 +121,10 @@ class ComputeConfig:
             out.append("Give at least one pool file (JSONL, JSON, Parquet or a saved dataset folder).")
         if not self.val:
             out.append("Give at least one validation file for the target task.")
+        for what, files in (("pool", self.train), ("validation", self.val)):
+            twice = sorted({f for f in files if files.count(f) > 1})
+            if twice:
+                out.append(f"The {what} file(s) {', '.join(twice)} are given more than once: each would count twice. Give each file once.")
         unknown = [m for m in self.methods if m not in COMPUTE_METHODS]
         if unknown or "gist" not in self.methods:
             out.append(f"Methods must include gist and be among {', '.join(COMPUTE_METHODS)}; got {', '.join(self.methods) or 'none'}.")

@@ -45,14 +45,14 @@ def run_config(manifest: dict) -> ComputeConfig:
 
 
 def _validation(config: ComputeConfig, model, examples: list, pad_id: int, path: Path, *, gist: bool, less: bool, device, autocast,
-                reusable: dict, progress) -> None:  # fmt: skip
-    """One checkpoint's validation gradients → subspace, geometry and sketches of the new target (no d × k basis)."""
+                reusable: dict, progress, name: str) -> None:  # fmt: skip
+    """One checkpoint's (``name``) validation gradients → subspace, geometry and sketches of the new target (no d × k basis)."""
     factors = lora_factors(model)
     d = sum(m.weight.numel() for _, m in factors)
     grads = np.empty((len(examples), d), np.float32)
     for indices, batch, _ in iter_gradients(model, examples, pad_id, device=device, max_tokens=config.max_tokens, max_batch=config.max_batch,
-                                            autocast_dtype=autocast, desc=f"val grads {path.stem}",
-                                            progress=lambda done, total, rate: progress(f"validation gradients ({path.stem})", done, total, rate)):  # fmt: skip
+                                            autocast_dtype=autocast, desc=f"val grads {name}",
+                                            progress=lambda done, total, rate: progress(f"validation gradients ({name})", done, total, rate)):  # fmt: skip
         grads[indices] = batch.cpu().numpy()
     tensors: dict[str, np.ndarray] = {}
     blocks: dict[str, np.ndarray] = {}
@@ -168,7 +168,7 @@ def _validations(config, checkpoints: list[Checkpoint], needed: list[int], gist:
     for c in todo:
         load_adapter_weights(model, Path(checkpoints[c].adapter))
         _validation(config, model, examples, tokenizer.pad_token_id, work / f"ckpt-{c}.safetensors", gist=c in gist, less=c in less,
-                    device=dev, autocast=autocast, reusable=reusable, progress=progress)  # fmt: skip
+                    device=dev, autocast=autocast, reusable=reusable, progress=progress, name=checkpoints[c].name)  # fmt: skip
 
 
 def _target_data(run, name: str, val_files: list[str], table, checkpoints: list[Checkpoint], gist: list[int], less: list[int], work: Path,

@@ -99,7 +99,7 @@ def test_cli_scores_info_and_option_mismatch(tiny_llama, toy_data, tmp_path, cap
     cli_main(_compute_args(tiny_llama, pool, val, run_dir))
     cli_main(["scores", "--run-dir", str(run_dir), "--rank", "3", "--out", str(tmp_path / "s.csv")])
     lines = (tmp_path / "s.csv").read_text().splitlines()
-    assert lines[0] == "id,score" and len(lines) == 61
+    assert lines[0] == "id,score" and len(lines) == 61 and b"\r" not in (tmp_path / "s.csv").read_bytes()  # plain \n lines
     run = open_run(run_dir)
     written = np.array([float(line.split(",")[1]) for line in lines[1:]])
     np.testing.assert_allclose(written, scores(run, "gist", 3), rtol=1e-6)
@@ -108,7 +108,8 @@ def test_cli_scores_info_and_option_mismatch(tiny_llama, toy_data, tmp_path, cap
     assert "r90/r95/r99" in out and "ρ =" in out and "top 3 examples" in out
     with pytest.raises(SystemExit):  # same run dir, different options: refuse rather than mix results
         cli_main(_compute_args(tiny_llama, pool, val, run_dir) + ["--lora-rank", "4"])
-    assert "different options" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "different options (lora_rank: " in err and " → 4)" in err  # names what differs, not the whole config
 
 
 @pytest.mark.slow

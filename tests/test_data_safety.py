@@ -223,6 +223,37 @@ def test_edits_wait_for_a_brief_writer_but_not_forever(base, tmp_path):
     assert len(load_edits(run)) == 1
 
 
+def test_a_lock_file_replaced_while_waiting_is_not_trusted(tmp_path):
+    """compute --overwrite swaps a new run folder in and drops the old lock files: a writer that was waiting on the
+    old file must lock the new one, or it and a newcomer would both write."""
+    import threading
+
+    from gist_backend.runs.lock import RunLocked, run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    got, release = threading.Event(), threading.Event()
+
+    def waiter():
+        with run_lock(run, "edits", "waiter", wait_s=20):
+            got.set()
+            release.wait(20)
+
+    with run_lock(run, "edits", "holder"):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)  # the waiter is retrying on the file that is about to go
+        (run / ".lock-edits").unlink()
+    try:
+        assert got.wait(20)
+        with pytest.raises(RunLocked, match="waiter"):
+            with run_lock(run, "edits", "newcomer"):
+                pass
+    finally:
+        release.set()
+        thread.join()
+
+
 # ---------------------------------------------------------------- 5. ids repeated across input files
 
 
@@ -238,6 +269,15 @@ def test_ids_repeated_across_files_are_made_unique_and_reported(base, tmp_path, 
     assert "made unique" in capsys.readouterr().out
     cli_main(["select", "--run-dir", str(run.path), "--budget", "16", "--out", str(tmp_path / "all.jsonl")])
     assert sorted((tmp_path / "all.jsonl").read_text().splitlines()) == sorted(a.read_text().splitlines() + b.read_text().splitlines())
+    # an id repeated inside one file: each copy gets its content hash, and that is reported too
+    c = tmp_path / "c.jsonl"
+    c.write_text("".join(json.dumps(r | {"id": "dup" if i < 2 else f"c{i}"}) + "\n" for i, r in enumerate(rows[:6])))
+    run = open_run(compute(_config(base["model"], c, base["val"]), tmp_path / "run-c"))
+    assert run.manifest["n_renamed_ids"] == 2 and [(r["id"], r["line"]) for r in run.manifest["renamed_ids"]] == [("dup", 1), ("dup", 2)]
+    assert "dup" not in run.train["id"].to_list() and len(set(run.train["id"].to_list())) == 6
+    # the same file given twice would count every record twice: refused before anything is read
+    with pytest.raises(ValueError, match="given more than once"):
+        compute(_config(base["model"], [a, a], base["val"]), tmp_path / "run-twice")
 
 
 # ---------------------------------------------------------------- clear errors instead of tracebacks
@@ -284,6 +324,14 @@ def test_bad_arguments_and_unknown_ids(base, capsys):
         cli_main(["serve", "--port", "99999"])
     assert exit_.value.code == 2 and "port must be between 1 and 65535" in capsys.readouterr().err
     assert "not in run" in _error(capsys, ["edit", "--run-dir", str(base["run"]), "exclude", "no-such-id"])
+    assert "nothing to undo" in _error(capsys, ["edit", "--run-dir", str(base["run"]), "undo"])
+    assert "no run folder" in _error(capsys, ["serve", "--run-dir", str(base["root"] / "no-such-run")])
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert "choose another --port" in _error(capsys, ["serve", "--port", str(busy.getsockname()[1])])
     with pytest.raises(SystemExit):
         cli_main(["evaluate", "--run-dir", str(base["run"]), "--test", "t.jsonl", "--baselines", "random:0"])
     assert "random:N with N ≥ 1" in capsys.readouterr().err

@@ -240,13 +240,13 @@ CHOSEN = {
     "write-epoch2-adapter(half file, final name)": {"kind": "peft_save", "nth": 2},
     "write-epoch1-optimizer": {"kind": "write", "name": "optimizer.safetensors"},
     "write-train.parquet": {"kind": "write", "name": "train.parquet"},
-    "val-grads-ckpt0(spill half full)": {"kind": "progress", "stage": "validation gradients (ckpt-0)", "done": 4},
+    "val-grads-ckpt0(spill half full)": {"kind": "progress", "stage": "validation gradients (epoch-1)", "done": 4},
     "write-ckpt0-validation-sketch": {"kind": "write", "name": "val-val.safetensors"},
-    "pool-grads-ckpt0-shard1": {"kind": "progress", "stage": "pool gradients (ckpt-0)", "done": 12},
-    "val-grads-ckpt1": {"kind": "progress", "stage": "validation gradients (ckpt-1)", "done": 4},
+    "pool-grads-ckpt0-shard1": {"kind": "progress", "stage": "pool gradients (epoch-1)", "done": 12},
+    "val-grads-ckpt1": {"kind": "progress", "stage": "validation gradients (epoch-2)", "done": 4},
     "write-ckpt1-shard2": {"kind": "write", "name": "shard-00002.safetensors", "nth": 2},
     "write-ckpt1-subspace": {"kind": "write", "name": "val-val.safetensors", "nth": 2},
-    "pool-grads-ckpt1-shard3": {"kind": "progress", "stage": "pool gradients (ckpt-1)", "done": 28},
+    "pool-grads-ckpt1-shard3": {"kind": "progress", "stage": "pool gradients (epoch-2)", "done": 28},
     "merge-start": {"kind": "progress", "stage": "merging", "done": 0},
     "write-gist_unit.npy": {"kind": "write", "name": "gist_unit.npy"},
     "write-less_scores.npy": {"kind": "write", "name": "less_scores.npy"},
@@ -292,7 +292,7 @@ def test_damaged_intermediate_files_are_recomputed_on_resume(setup):
     """Shards and subspaces are trusted on resume only if complete and of the right shape; otherwise redone."""
     run_dir = setup["root"] / "run-damaged"
     args = compute_args(setup["model"], setup["pool"], setup["val"], run_dir)
-    trap = {"kind": "progress", "stage": "pool gradients (ckpt-1)", "done": 28}
+    trap = {"kind": "progress", "stage": "pool gradients (epoch-2)", "done": 28}
     assert run_child(args, setup["root"] / "damaged.log", trap) == -signal.SIGKILL
     shards = sorted((run_dir / "ckpt-1" / "pool").glob("shard-*.safetensors"))
     assert len(shards) >= 3
@@ -336,7 +336,7 @@ def target_digests(run_dir: Path) -> dict[str, str]:
 
 
 ADD_TARGET_POINTS = {
-    "add-target-val-grads-ckpt1": {"kind": "progress", "stage": "validation gradients (ckpt-1)", "done": 4},
+    "add-target-val-grads-ckpt1": {"kind": "progress", "stage": "validation gradients (epoch-2)", "done": 4},
     "add-target-write-val-work": {"kind": "write", "name": "ckpt-1.safetensors"},
     "add-target-write-gist_unit.npy": {"kind": "write", "name": "gist_unit.npy"},
     "add-target-write-manifest": {"kind": "write", "name": "manifest.json", "contains": '"animals"'},
@@ -557,7 +557,7 @@ def test_missing_run_and_not_a_run(tmp_path):
     with pytest.raises(RunError, match="no such run directory"):
         open_run(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RunError, match="manifest.json"):
+    with pytest.raises(RunError, match=r"not a run \(no manifest.json\)"):
         open_run(tmp_path / "empty")
 
 
@@ -780,7 +780,8 @@ def test_check_cli_value():
             check_cli_value(bad, "pool file")
 
 
-def test_served_on_loopback_by_default(monkeypatch):
+def test_served_on_loopback_by_default(monkeypatch, tmp_path):
+    import socket
     import tomllib
 
     from gist_backend import cli, commands
@@ -790,10 +791,14 @@ def test_served_on_loopback_by_default(monkeypatch):
     assert cli.build_parser().parse_args(["serve"]).address == "127.0.0.1"
     seen = {}
     monkeypatch.setattr(commands.subprocess, "call", lambda cmd, **kw: seen.update(cmd=cmd, kw=kw) or 0)
-    commands.serve("cache/x; rm -rf ~", 8501)
+    (tmp_path / "x; rm -rf ~").mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    commands.serve(str(tmp_path / "x; rm -rf ~"), port)
     assert isinstance(seen["cmd"], list) and not seen["kw"].get("shell")
     assert seen["cmd"][seen["cmd"].index("--server.address") + 1] == "127.0.0.1"
-    assert seen["kw"]["env"]["GIST_RUN_DIR"].endswith("cache/x; rm -rf ~")  # one value, never parsed by a shell
+    assert seen["kw"]["env"]["GIST_RUN_DIR"].endswith("/x; rm -rf ~")  # one value, never parsed by a shell
 
 
 def test_no_shell_eval_or_pickle_in_the_code():

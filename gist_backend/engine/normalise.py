@@ -146,9 +146,14 @@ def _content_hash(row: dict) -> str:
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
 
 
+def given_id(row: dict) -> str | None:
+    """The record's own id as a string, or None when it has none (missing or blank)."""
+    return None if row.get("id") is None or str(row.get("id")).strip() == "" else _id_str(row["id"])
+
+
 def assign_ids(rows: list[dict]) -> list[str]:
     """Given id where present and unique among usable records, else content hash with -2, -3 … for repeats."""
-    given = [None if r.get("id") is None or str(r.get("id")).strip() == "" else _id_str(r["id"]) for r in rows]
+    given = [given_id(r) for r in rows]
     counts = Counter(g for g in given if g is not None)
     ids: list[str | None] = [g if g is not None and counts[g] == 1 else None for g in given]
     used = {i for i in ids if i is not None}

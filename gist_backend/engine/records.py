@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .normalise import Unusable, assign_ids, check_unicode, normalise, text_field, type_name
+from .normalise import Unusable, assign_ids, check_unicode, given_id, normalise, text_field, type_name
 
 
 class DataError(ValueError):
@@ -32,6 +32,7 @@ class Record:
     raw: str
     file: str
     line: int
+    given_id: str | None = None  # the record's own id when it was not unique in its file (``id`` is then a content hash)
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,10 @@ def load_records(path: str | Path) -> tuple[list[Record], list[BadRecord]]:
             raw=raw,
             file=file,
             line=line,
+            given_id=given if given is not None and given != rid else None,
         )
         for rid, (row, raw, line, msgs) in zip(ids, kept)
+        for given in [given_id(row)]
     ]
     return records, bad
 

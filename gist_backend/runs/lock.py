@@ -63,20 +63,24 @@ def run_lock(run_dir: str | Path, scope: str, what: str, *, wait_s: float = 0.0)
         return
     path = lock_path(Path(run_dir), scope)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    deadline = time.monotonic() + wait_s
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            if time.monotonic() >= deadline:
+                raise RunLocked(
+                    f"{Path(run_dir)} is busy: {_describe(holder(Path(run_dir), scope))} is writing its {scope}. "
+                    f"Wait for it to finish (or stop it), then run {what} again."
+                ) from None
+            time.sleep(0.05)
+            continue
+        if _same_file(handle, path):
+            break
+        handle.close()  # the lock file was replaced meanwhile (an --overwrite swapped a new run in): lock the one there now
     try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise RunLocked(
-                        f"{Path(run_dir)} is busy: {_describe(holder(Path(run_dir), scope))} is writing its {scope}. "
-                        f"Wait for it to finish (or stop it), then run {what} again."
-                    ) from None
-                time.sleep(0.05)
         handle.seek(0)
         handle.truncate()
         handle.write(json.dumps({"pid": os.getpid(), "command": what, "host": socket.gethostname(), "since": utc_now(),
@@ -88,3 +92,11 @@ def run_lock(run_dir: str | Path, scope: str, what: str, *, wait_s: float = 0.0)
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+def _same_file(handle, path: Path) -> bool:
+    """True when the open lock file is still the one at ``path`` (not unlinked or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False

@@ -92,7 +92,10 @@ def read_manifest(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     where = run_dir / "manifest.json"
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run directory. List runs with `gist-curate info --run-dir cache/<id>`.")
+        raise RunError(f"{run_dir}: no such run directory. Give the folder `gist-curate compute --run-dir` wrote "
+                       "(the dashboard's Runs page lists the runs under a folder).")  # fmt: skip
+    if not where.exists():  # compute writes the manifest before anything else
+        raise RunError(f"{run_dir}: not a run (no manifest.json). Give the folder `gist-curate compute --run-dir` wrote, or compute a run into it.")
     manifest = read_json(where)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise RunError(f"{where}: not a GIST Curator run manifest.")

@@ -43,8 +43,9 @@ def validation_done(ckpt_dir: Path, target: str, gist: bool, sketch: bool) -> bo
 
 
 def validation_pass(config: ComputeConfig, model, val_ex: list, pad_id: int, ckpt_dir: Path, target: str, *, gist: bool, sketch: bool,
-                    device, autocast, progress, dump_dir: Path | None = None) -> None:  # fmt: skip
-    """Validation gradients → subspace, spectrum, coupling (GIST) and projected sketch (LESS) for one checkpoint."""
+                    device, autocast, progress, dump_dir: Path | None = None, name: str | None = None) -> None:  # fmt: skip
+    """Validation gradients → subspace, spectrum, coupling (GIST) and projected sketch (LESS) for one checkpoint (``name``, for progress)."""
+    name = name or ckpt_dir.name
     factors = lora_factors(model)
     d = sum(module.weight.numel() for _, module in factors)
     m = len(val_ex)
@@ -56,7 +57,7 @@ def validation_pass(config: ComputeConfig, model, val_ex: list, pad_id: int, ckp
         grads = np.empty((m, d), np.float32)
     for indices, batch_grads, _ in iter_gradients(
         model, val_ex, pad_id, device=device, max_tokens=config.max_tokens, max_batch=batch_limit(config, d), autocast_dtype=autocast,
-        desc=f"val grads {ckpt_dir.name}", progress=lambda done, total, rate: progress(f"validation gradients ({ckpt_dir.name})", done, total, rate),
+        desc=f"val grads {name}", progress=lambda done, total, rate: progress(f"validation gradients ({name})", done, total, rate),
     ):  # fmt: skip
         grads[indices] = batch_grads.cpu().numpy()
     tensors: dict[str, np.ndarray] = {}
@@ -124,8 +125,8 @@ def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpo
         out = {name: np.empty(shape, np.float16 if name.endswith("sketch") else np.float32) for name, shape in expected.items()}
         for indices, grads, losses in iter_gradients(
             model, shard, pad_id, device=device, max_tokens=config.max_tokens, max_batch=batch_limit(config, d), autocast_dtype=autocast,
-            desc=f"pool grads {ckpt_dir.name} shard {s + 1}/{len(starts)}",
-            progress=lambda done, total, rate: progress(f"pool gradients ({ckpt_dir.name})", start + done, n, rate),
+            desc=f"pool grads {checkpoint.name} shard {s + 1}/{len(starts)}",
+            progress=lambda done, total, rate: progress(f"pool gradients ({checkpoint.name})", start + done, n, rate),
         ):  # fmt: skip
             out["loss"][indices] = losses.cpu().numpy()
             if gist:

@@ -30,8 +30,9 @@ class Prepared:
 def load_split(paths: Sequence[str], split: str, used: set[str]) -> tuple[list[Record], list[dict], list[dict]]:
     """Records of several files with ids unique among ``used`` (updated); (records, bad rows, renames).
 
-    An id already taken by an earlier file gets "-2", "-3", … appended, in file order, and
-    the rename is reported: every later command then finds each id exactly once.
+    An id repeated inside one file is replaced by the record's content hash (``assign_ids``); an id already
+    taken by an earlier file gets "-2", "-3", … appended, in file order. Both are reported: every later
+    command then finds each id exactly once.
     """
     records: list[Record] = []
     bad: list[dict] = []
@@ -40,6 +41,8 @@ def load_split(paths: Sequence[str], split: str, used: set[str]) -> tuple[list[R
         recs, bads = load_records(path)
         bad += [{"split": split, "file": b.file, "line": b.line, "reason": b.reason} for b in bads]
         for rec in recs:
+            if rec.given_id is not None:
+                renamed.append({"split": split, "file": rec.file, "line": rec.line, "id": rec.given_id, "new_id": rec.id})
             new_id, k = rec.id, 1
             while new_id in used:
                 k += 1
