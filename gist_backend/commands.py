@@ -185,10 +185,30 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         write_json(check_output(run, args.json, force=True, sidecar=False), result)
 
 
+def _print_unfinished(run_dir: Path) -> bool:
+    """For scripts: a run still computing, stopped, failed or cancelled as one JSON object (True), else nothing (False)."""
+    from .runs.files import read_json
+    from .runs.lock import holder_alive
+    from .runs.manifest import read_manifest
+
+    manifest = read_manifest(run_dir)  # not a run, or a damaged one: the usual error
+    status = manifest.get("status")
+    if status == "complete":
+        return False
+    if status == "running" and not holder_alive(run_dir, "run"):
+        status = "stopped"  # its process died: the same compute command resumes it
+    progress = read_json(run_dir / "progress.json") if (run_dir / "progress.json").exists() else None
+    print(json_dump({"run": str(run_dir), "status": status, "error": manifest.get("error"), "created": manifest.get("created"),
+                     "format_version": manifest.get("version"), "progress": progress, "timings": manifest.get("timings", {})}))  # fmt: skip
+    return True
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .curation.scoring import ranking, scores
     from .runs.store import describe, open_run
 
+    if args.json and _print_unfinished(Path(args.run_dir)):
+        return
     run = open_run(args.run_dir, args.target)
     rank = check_rank(args.rank, run.k_max)
     facts = describe(run)

@@ -355,6 +355,27 @@ def test_every_command_prints_its_help(recipe, capsys):
     assert "top 5 % within" in " ".join(capsys.readouterr().out.split())  # help texts holding % are printed as written
 
 
+def test_info_json_reports_an_unfinished_run_to_scripts(base, tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from gist_backend.runs import write_manifest
+    from gist_backend.runs.manifest import read_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    write_manifest(run / "manifest.json", read_manifest(run) | {"status": "running"})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    for pid, status in ((int(dead), "stopped"), (os.getpid(), "running")):  # read from the lock file, never by taking the lock
+        (run / ".lock-run").write_text(json.dumps({"pid": pid, "command": "gist-curate compute", "host": socket.gethostname(), "since": "now"}))
+        capsys.readouterr()
+        cli_main(["info", "--run-dir", str(run), "--json"])
+        facts = json.loads(capsys.readouterr().out)
+        assert facts["status"] == status and facts["run"] == str(run) and "timings" in facts
+    assert "not complete" in _error(capsys, ["info", "--run-dir", str(run)])  # the human-readable form says what to do
+
+
 def test_interrupted_commands_say_resume_only_when_they_can(base, monkeypatch, capsys):
     from gist_backend import commands
 

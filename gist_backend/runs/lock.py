@@ -94,6 +94,25 @@ def run_lock(run_dir: str | Path, scope: str, what: str, *, wait_s: float = 0.0)
         handle.close()
 
 
+def holder_alive(run_dir: str | Path, scope: str) -> bool:
+    """Whether the process that last took the scope's lock still runs (assumed so when it is on another host).
+
+    Read from the lock file, without taking the lock: a check must never make a starting writer fail.
+    """
+    info = holder(Path(run_dir), scope)
+    if not info:
+        return False
+    if info.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+    return True
+
+
 def _same_file(handle, path: Path) -> bool:
     """True when the open lock file is still the one at ``path`` (not unlinked or replaced since it was opened)."""
     try:
