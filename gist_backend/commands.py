@@ -84,7 +84,7 @@ def cmd_scores(args: argparse.Namespace) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from .curation.export import export_jsonl
+    from .curation.export import changed_inputs, export_jsonl
     from .curation.selection import select
     from .runs.store import open_run
 
@@ -97,6 +97,8 @@ def cmd_select(args: argparse.Namespace) -> None:
     shortfall = f"; G2IS shortfall {selection.shortfall} (not filled)" if selection.shortfall else ""
     print(f"selected {len(selection.ids)} of {run.train.height} examples ({args.method}, target {run.target}{shortfall}) → {args.out}\n"
           f"records copied from the run (as read at compute time); manifest {manifest}")  # fmt: skip
+    for path in changed_inputs(run):
+        print(f"note: {path} changed since the run was computed; the export holds its records as they were then", file=sys.stderr)
 
 
 def cmd_combine(args: argparse.Namespace) -> None:

@@ -81,6 +81,17 @@ def input_fingerprints(config: ComputeConfig) -> dict:
             "model": model_fingerprint(config.model)}  # fmt: skip
 
 
+def input_stats(config: ComputeConfig) -> dict[str, list[int]]:
+    """Size and modification time of every input file: a cheap later check that a file changed (``changed_inputs``)."""
+    out = {}
+    for path in [*config.train, *config.val]:
+        resolved = resolve_input(path)
+        if resolved.is_file():
+            stat = resolved.stat()
+            out[str(resolved)] = [stat.st_size, stat.st_mtime_ns]
+    return out
+
+
 def check_same_inputs(manifest: dict, config: ComputeConfig, fingerprints: dict, run_dir: Path) -> None:
     """Refuse to resume or reuse a run whose options or input files differ from this compute's."""
     if manifest.get("config_hash") != config.result_hash():
@@ -173,7 +184,7 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
     target = config.target_name()
     save(status="running", tool_version=tool_version(), versions=_versions(), config=asdict(config), config_hash=config.result_hash(),
          methods=list(config.methods), target=target, error=None, world_size=world, fingerprints=fingerprints,
-         inputs=[str(resolve_input(p)) for p in [*config.train, *config.val]])  # fmt: skip
+         inputs=[str(resolve_input(p)) for p in [*config.train, *config.val]], input_stats=input_stats(config))  # fmt: skip
     try:
         t0 = time.perf_counter()
         device = resolve_device(config.device)

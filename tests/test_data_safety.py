@@ -164,7 +164,8 @@ def test_changed_pool_is_refused_naming_the_file(base, tmp_path, capsys):
     out = tmp_path / "sel.jsonl"
     capsys.readouterr()
     cli_main(["select", "--run-dir", str(run), "--budget", "20", "--out", str(out)])
-    assert "records copied from the run" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "records copied from the run" in printed.out and f"note: {pool} changed since the run was computed" in printed.err
     exported = out.read_text().splitlines()
     original = base["pool"].read_text().splitlines()
     assert len(exported) == 20 and set(exported) <= set(original)  # the records the run was computed from

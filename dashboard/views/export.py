@@ -9,6 +9,7 @@ import polars as pl
 import streamlit as st
 
 from dashboard import backend, figures, session, ui
+from gist_backend.curation.export import changed_inputs
 
 
 def combine_form():
@@ -104,6 +105,9 @@ st.dataframe(backend.selection_preview(run, sel, 200), hide_index=True, width="s
 st.caption("The first 200 selected examples, best first.")
 
 st.subheader("Save", anchor=False)
+for changed in changed_inputs(run):
+    st.info(f"{session.code(changed)} changed since this run was computed: exports hold its records as the run read them then.",
+            icon=":material/info:")  # fmt: skip
 with_meta = st.toggle("Add a `_gist` field (score, position, method, rank) to each record", key="with_meta")
 c = st.columns([2, 3], vertical_alignment="bottom")
 name = f"{run.path.name}-{sel.target or run.target}-{sel.method}-{len(sel.ids)}.jsonl"

@@ -78,6 +78,20 @@ def check_output(run: Run, out: str | Path, *, force: bool = False, sidecar: boo
     return resolved
 
 
+def changed_inputs(run: Run) -> list[str]:
+    """Input files whose size or modification time differ from compute time, or that are gone (exports still hold the run's copy)."""
+    out = []
+    for path, (size, mtime_ns) in (run.manifest.get("input_stats") or {}).items():
+        try:
+            stat = Path(path).stat()
+        except OSError:
+            out.append(path)
+            continue
+        if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+            out.append(path)
+    return out
+
+
 def export_jsonl(run: Run, selection: Selection, out_path: str | Path, *, with_meta: bool = False, force: bool = False) -> Path:
     """Write the selected records verbatim as JSONL (selection order) plus ``<out>.manifest.json``; returns the manifest path.
 
