@@ -24,7 +24,8 @@ float16 plus their norm in float32 (k·2 + 8 bytes per example and checkpoint wi
 keeps every rank's score within about 1e-3 of float32 (bench/storage.py measures it). The manifest records
 format, version, status, config and its hash, methods, n_train, d, k_max, checkpoints (the warmup's),
 gist {"checkpoints", "weights"}, less {"checkpoints", "weights", "dim"}, targets [{"name", "n_val", "k",
-"files", "fingerprints"}], fingerprints of the pool and model, gradient_passes, timings, files and checksum
+"files", "fingerprints"}], fingerprints of the pool and model, input_stats (size and mtime of each input file,
+for a cheap "changed since" note), gradient_passes, timings, files and checksum
 (see ``manifest``). Version 1 runs (one fp32 coordinate array, a single target) still open.
 """
 
