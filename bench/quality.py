@@ -62,12 +62,12 @@ def in_domain_by_rank(run, family: str, budget: str) -> dict:
             for m in ("gist", "gist-global")} | {"r90": spectrum["r90"], "r95": spectrum["r95"]}  # fmt: skip
 
 
-def arms(run, budget: str) -> list:
-    """The selections evaluated: GIST and GIST-global at k_max, r95 and r90, LESS, G2IS."""
+def arms(run, budget: str, sweep: bool = True) -> list:
+    """The selections evaluated: GIST and GIST-global at k_max, r95 and r90 (only k_max without ``sweep``), LESS, G2IS."""
     from gist_backend.curation import select
 
     spectrum = run.geometry()["checkpoints"][-1]["spectrum"]
-    ranks = sorted({run.k_max, min(spectrum["r95"], run.k_max), min(spectrum["r90"], run.k_max)}, reverse=True)
+    ranks = sorted({run.k_max, *((min(spectrum["r95"], run.k_max), min(spectrum["r90"], run.k_max)) if sweep else ())}, reverse=True)
     out = [select(run, method=m, rank=r, budget=budget, edits=[]) for m in ("gist", "gist-global") for r in ranks]
     return out + [select(run, method=m, budget=budget, edits=[]) for m in ("less", "g2is")]
 
@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=int, default=1, help="the tool's default is 4; 1 keeps LESS to one pool pass on a CPU")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per arm")
     p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning learning rate per arm")
+    p.add_argument("--ranks", default="sweep", choices=["sweep", "kmax"], help="GIST arms at k_max, r95 and r90 (sweep) or at k_max only")
     p.add_argument("--train-seeds", type=int, default=1, help="fine-tunes per arm (seeds 0..N-1), averaged: N× the fine-tuning cost")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.stage == "all":
         from gist_backend.evaluate import EvalRecipe, evaluate, report_table
 
-        result = evaluate(run, files["test"], arms(run, args.budget), baselines=args.random_seeds,
+        result = evaluate(run, files["test"], arms(run, args.budget, args.ranks == "sweep"), baselines=args.random_seeds,
                           recipe=EvalRecipe.from_run(run, epochs=args.epochs, lr=args.lr), train_seeds=args.train_seeds, progress=print)  # fmt: skip
         out["evaluation"] = result
         print(report_table(result))

@@ -115,6 +115,9 @@ def test_quality_bench_end_to_end_tiny(capsys, tmp_path):
     assert out["evaluation"]["n_test"] == 10 and (tmp_path / "work" / "quality-mmlu.json").exists()
     again = quality.main(args)  # resumes from the cached run and per-arm results
     assert again["evaluation"]["arms"] == out["evaluation"]["arms"]
+    kmax_only = quality.main([*args, "--ranks", "kmax"])  # the rank sweep left out: one arm per GIST scoring, from the cache
+    picked = [a["name"] for a in kmax_only["evaluation"]["arms"] if a["name"].startswith("gist")]
+    assert len(picked) == 2 and set(picked) <= set(names)
 
 
 def test_compute_cost_bench_tiny(capsys):
