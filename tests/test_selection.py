@@ -292,6 +292,16 @@ def test_g2is_selection_cached_and_edited(run, monkeypatch):
     assert select(run, method="g2is", budget=20, knn_k=10, edits=[]).rows.tolist() == expected
     monkeypatch.undo()
 
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    cache.unlink()
+    monkeypatch.setattr("gist_backend.curation.selection.write_json", read_only)  # a run folder mounted read-only still selects
+    with pytest.warns(UserWarning, match="not cached"):
+        assert select(run, method="g2is", budget=20, knn_k=10, edits=[]).rows.tolist() == expected
+    monkeypatch.undo()
+    assert not cache.exists()
+
     ids = run.train["id"].to_list()
     outside = next(r for r in range(300) if r not in expected)
     edits = [edit("exclude", [ids[expected[0]], ids[expected[5]]]), edit("include", [ids[outside]])]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,7 +121,10 @@ def g2is_rows(run: Run, budget: int, knn_k: int = 100, orientation: str = "sklea
     entry = {"format": "gist-curator-g2is", "request": key, "seconds": round(time.perf_counter() - t0, 3), "created": utc_now(),
              "selected": [int(r) for r in result.selected], "per_component": result.per_component}  # fmt: skip
     entry["checksum"] = manifest_checksum(entry)
-    write_json(path, entry)
+    try:
+        write_json(path, entry)
+    except OSError as err:  # a read-only run (or a full disk) still selects; only the next call repeats the walk
+        warnings.warn(f"G2IS selection not cached in {path.parent} ({err.strerror or err}); it is recomputed next time", stacklevel=2)
     return entry["selected"], entry["per_component"]
 
 
