@@ -96,11 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     if work.exists():
         shutil.rmtree(work)
     shutil.copytree(base_dir, work)
-    rows, out = [], {"bench": "add_target", "machine": machine(), "options": vars(args), "same_adapter": same_adapter, "by_dim": {}}
+    rows, out = [], {"bench": "add_target", "machine": machine(), "options": vars(args), "same_adapter": same_adapter, "by_dim": {},
+                     "stored_sketch_dim": full_dim}  # fmt: skip
     for dim in sorted({int(x) for x in args.dims.split(",")}, reverse=True):
         name = f"{args.added}-p{dim}"
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        add_target(work, [str(added_files["val"])], name, sketch_dim=None if dim == full_dim else dim)
+        add_target(work, [str(added_files["val"])], name, sketch_dim=None if dim >= full_dim else dim)  # all stored columns at P ≥ the store's
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         added = open_run(work, name)
         figures = {"cpu_s": cpu, "wall_s": wall}
