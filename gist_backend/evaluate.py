@@ -127,7 +127,9 @@ def _export_manifest(run: Run, path: Path) -> dict:
         made = read_json(path.with_name(path.name + ".manifest.json"))
     except (RunError, FileNotFoundError):
         return {}
-    same_run = (made.get("run") or {}).get("config_hash") == run.manifest.get("config_hash")
+    if not isinstance(made, dict) or not isinstance(made.get("run"), dict):
+        return {}
+    same_run = made["run"].get("config_hash") == run.manifest.get("config_hash")
     if made.get("format") != "gist-curator-export" or not same_run or made.get("output_sha256") != file_sha256(path):
         return {}
     return made

@@ -92,7 +92,8 @@ def load_records(path: str | Path) -> tuple[list[Record], list[BadRecord]]:
             "Each record needs 'messages' (chat), 'instruction'/'output' (Alpaca) or 'prompt'/'completion'."
         )
 
-    ids = assign_ids([row for row, *_ in kept])
+    rows = [row for row, *_ in kept]
+    ids, givens = assign_ids(rows), [given_id(row) for row in rows]
     records = [
         Record(
             id=rid,
@@ -102,10 +103,9 @@ def load_records(path: str | Path) -> tuple[list[Record], list[BadRecord]]:
             raw=raw,
             file=file,
             line=line,
-            given_id=given if given is not None and given != rid else None,
+            given_id=given if given != rid else None,  # None when the record had no id of its own, too
         )
-        for rid, (row, raw, line, msgs) in zip(ids, kept)
-        for given in [given_id(row)]
+        for rid, given, (row, raw, line, msgs) in zip(ids, givens, kept)
     ]
     return records, bad
 
