@@ -129,6 +129,9 @@ def test_ties_at_the_budget_edge_are_reported(run):
     assert not any("tie" in w for w in select(run, method="gist", rank=3, budget=20, edits=[]).warnings)
     exact = select(run, method="gist", rank=3, budget=210, edits=[], row_scores=tied)  # every tied example fits
     assert not any("tie" in w for w in exact.warnings)
+    ids = run.train["id"].to_list()
+    forced = [edit("include", [ids[60]])]  # a tied example forced in: the other 199 tied still fit the budget of 210
+    assert not any("tie" in w for w in select(run, method="gist", rank=3, budget=210, edits=forced, row_scores=tied).warnings)
 
 
 def test_forced_include_and_exclude(run):

@@ -147,6 +147,19 @@ def test_combined_selection_across_targets(two_targets, tmp_path, capsys):
     add_edit(run_dir, "exclude", [top_b[0]], "api", target="val")
     again = combine(run_dir, [Part("val", "gist", 4, 1), Part("animals", "less", None, 1)], 4, edits=load_edits(run_dir))
     assert top_a[0] not in again.ids and (top_b[0] in again.ids or top_b[0] == top_a[0])
+    # a part that runs out (every other example excluded for its target) leaves its share to the others
+    ids = a.train["id"].to_list()
+    scoped = [{"op": "exclude", "ids": ids[2:], "time": "2025-01-01T00:00:00+00:00", "origin": {"kind": "api", "detail": ""}, "target": "animals"}]
+    short = combine(run_dir, [Part("val", "gist", 4, 1), Part("animals", "less", None, 1)], 12, edits=scoped)
+    assert len(short.ids) == 12 and not short.warnings and short.info["parts"][1]["count"] <= 2
+    assert set(ids[:2]) - set(top_a[:10]) <= set(short.ids)  # the second part's two examples, unless the first took them
+    forced = [{"op": "include", "ids": ids[:5], "time": "2025-01-01T00:00:00+00:00", "origin": {"kind": "api", "detail": ""}}]
+    with pytest.raises(ValueError, match="5 examples are force-included but the budget is 4"):
+        combine(run_dir, [Part("val", "gist", 4)], 4, edits=forced)
+    for bad in ("val:gist:x", "val=abc", "val=0", "val:gist:4:9", ":gist"):
+        with pytest.raises(ValueError, match=r"TARGET\[:METHOD"):
+            Part.parse(bad)
+    assert Part.parse("val:less=25%") == Part("val", "less", None, 0.25)
     # across targets: each target's own selection and scores, compared with one method
     from gist_backend.curation import compare_targets
 

@@ -3,8 +3,8 @@
 Each part names a target, a method, a rank (GIST methods) and a share of the budget. Every part ranks the pool
 its own way (G2IS: its walk order); curation edits apply as in ``select`` (an edit scoped to a target only to
 that target's part). "quotas" fills each part's share of the budget in turn (largest remainder), with its best
-examples not taken yet; "round-robin" takes one example at a time from the part furthest behind its share, so
-the best of every target comes first. The export manifest names every target, method, rank and share.
+examples not taken yet, and when a part runs out the others fill its share; "round-robin" takes one example at
+a time from the part furthest behind its share, so the best of every target comes first. The export manifest names every target, method, rank and share.
 """
 
 from __future__ import annotations
@@ -36,10 +36,14 @@ class Part:
         """'mmlu:gist:32=60%' → Part("mmlu", "gist", 32, 0.6); method, rank and share are optional."""
         spec, _, share = text.partition("=")
         target, method, rank = (spec.split(":") + ["", ""])[:3]
-        value = float(share[:-1]) / 100 if share.endswith("%") else float(share or 1.0)
-        if not target or value <= 0:
+        try:
+            value = float(share[:-1]) / 100 if share.endswith("%") else float(share or 1.0)
+            rank_value = int(rank) if rank else None
+        except ValueError:
+            value = rank_value = None
+        if not target or value is None or not value > 0 or spec.count(":") > 2:
             raise ValueError(f"part {text!r}: write TARGET[:METHOD[:RANK]][=SHARE], e.g. mmlu:gist:32=60%")
-        return cls(target, method or "gist", int(rank) if rank else None, value)
+        return cls(target, method or "gist", rank_value, value)
 
 
 def _split(count: int, shares: list[float]) -> list[int]:
@@ -64,6 +68,8 @@ def combine(run_dir: str | Path, parts: list[Part], budget: int | float | str, *
     # each part's own order, with its edits applied: a selection of the whole pool by that part's method
     own = [select(run, method=p.method, rank=p.rank, budget=count if p.method == "g2is" else n, edits=edits) for run, p in zip(runs, parts)]
     forced_in = sorted({run.row_index[i] for s, run in zip(own, runs) for i in s.forced_in})
+    if len(forced_in) > count:
+        raise ValueError(f"{len(forced_in)} examples are force-included but the budget is {count}; raise the budget or reset some includes")
     taken, chosen, by_part = set(forced_in), list(forced_in), [0] * len(parts)
     orders = [[int(r) for r in s.rows] for s in own]  # each part's own exclusions are already out of its order
     cursors = [0] * len(parts)
@@ -84,12 +90,11 @@ def combine(run_dir: str | Path, parts: list[Part], budget: int | float | str, *
         for i, goal in enumerate(goals):
             while by_part[i] < goal and take(i):
                 pass
-    else:
-        active = set(range(len(parts)))
-        while len(chosen) < count and active:
-            i = min(active, key=lambda j: (by_part[j] / parts[j].share, j))  # the part furthest behind its share
-            if not take(i):
-                active.discard(i)
+    active = set(range(len(parts)))  # round-robin; after quotas, the parts with examples left fill the share of those that ran out
+    while len(chosen) < count and active:
+        i = min(active, key=lambda j: (by_part[j] / parts[j].share, j))  # the part furthest behind its share
+        if not take(i):
+            active.discard(i)
     notes = [warning] if warning else []
     if len(chosen) < count:
         notes.append(f"selected {len(chosen)} of the budget {count}: the parts ran out of examples not excluded or already taken")

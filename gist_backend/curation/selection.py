@@ -162,6 +162,7 @@ def _ties_at_the_edge(row_scores: np.ndarray, chosen: np.ndarray, forced_in: np.
         return 0, 0.0
     edge = row_scores[by_score].min()
     tied = (row_scores == edge) & ~excluded
+    tied[forced_in] = False  # forced includes are in whatever their score
     return (int(tied.sum()), float(edge)) if tied.sum() > tied[by_score].sum() else (0, float(edge))
 
 
