@@ -95,7 +95,7 @@ def _add_compute_commands(sub, recipe: str | None) -> None:
                    help="a published recipe: paper = LoRA r 128, α 512, dropout 0.1, max length 2048, 4 warmup epochs on 5%%, lr 2e-5")  # fmt: skip
     p.add_argument("--run-dir", required=True, help="run directory (e.g. cache/my-run)")
     p.add_argument("--dump-full-grads", default=None, metavar="DIR", help="also write full gradients and examples (small d only)")
-    p.add_argument("--overwrite", action="store_true", help="recompute from scratch; the old run stays readable until the new one is complete")
+    p.add_argument("--overwrite", action="store_true", help="recompute from scratch; the old run stays readable (and editable) until the new one is complete, then its curation edits carry over and its evaluations, added targets and maps are discarded")
     p.add_argument("--no-map", action="store_true", help="do not start the Map view's UMAP in the background when the run is complete")
     if recipe:
         p.set_defaults(**RECIPES[recipe])

@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from .config import ComputeConfig, pool_sketch_dim  # noqa: F401 (ComputeConfig is public: from gist_backend.compute import ComputeConfig)
 from .engine.device import barrier, distributed, resolve_device, resolve_dtypes
 from .engine.grads import lora_factors
+from .curation.edits import EDITS_FILE
 from .engine.records import fingerprint, resolve_input
 from .runs.files import RunError, tool_version, utc_now, write_json
 from .runs.lock import run_lock
@@ -124,8 +124,7 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
         barrier(world)
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    edits_lock = run_lock(run_dir, "edits", "gist-curate compute --overwrite") if overwrite else nullcontext()
-    with run_lock(run_dir, "run", "gist-curate compute"), edits_lock:
+    with run_lock(run_dir, "run", "gist-curate compute"):
         if overwrite and (work_dir / "manifest.json").exists():
             try:
                 check_same_inputs(read_manifest(work_dir), config, input_fingerprints(config), work_dir)
@@ -139,14 +138,34 @@ def compute(config: ComputeConfig, run_dir: str | Path, *, dump_full_grads: str 
 
 
 def _swap(new: Path, old: Path) -> None:
-    """Put the finished new run in place of the old one (the old one was readable until now)."""
+    """Put the finished new run in place of the old one (readable and editable until now), keeping its curation edits.
+
+    Edits name examples by id, so they carry over; what was computed from the old run (its evaluations, added
+    targets, maps and cached selections) does not, and is listed as discarded.
+    """
     trash = old.with_name(f".{old.name}.replaced")
     shutil.rmtree(trash, ignore_errors=True)
-    for name in (".lock-run", ".lock-edits"):  # the lock files stay with the folder that is locked
-        (old / name).unlink(missing_ok=True)
-    os.rename(old, trash)
-    os.rename(new, old)
+    with run_lock(old, "edits", "gist-curate compute --overwrite", wait_s=30):
+        if (old / EDITS_FILE).exists():
+            shutil.copy2(old / EDITS_FILE, new / EDITS_FILE)
+        discarded = [name for name in ("evals", "maps", "selections") if (old / name).is_dir() and any((old / name).iterdir())]
+        kept_targets = {t["name"] for t in read_manifest(new).get("targets", [])}
+        discarded += [f"target {t['name']!r}" for t in _old_manifest(old).get("targets") or [] if isinstance(t, dict) and t.get("name") not in kept_targets]
+        for name in (".lock-run", ".lock-edits"):  # the lock files stay with the folder that is locked
+            (old / name).unlink(missing_ok=True)
+        os.rename(old, trash)
+        os.rename(new, old)
     shutil.rmtree(trash, ignore_errors=True)
+    kept = "its curation edits kept" if (old / EDITS_FILE).exists() else "no curation edits to keep"
+    print(f"{old}: replaced by the new run ({kept}" + (f"; discarded: {', '.join(discarded)})" if discarded else ")"))
+
+
+def _old_manifest(run_dir: Path) -> dict:
+    """The manifest of the run being replaced, or {} if it is unreadable (it is being discarded either way)."""
+    try:
+        return read_manifest(run_dir)
+    except (RunError, OSError):
+        return {}
 
 
 def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, dump_dir: Path | None) -> None:

@@ -93,7 +93,7 @@ def _umask() -> int:
 # ---------------------------------------------------------------- 2. --overwrite starts from an empty run, atomically
 
 
-def test_overwrite_recomputes_everything_and_keeps_the_old_run_until_done(base, tmp_path):
+def test_overwrite_recomputes_everything_and_keeps_the_old_run_until_done(base, tmp_path, capsys):
     from gist_backend.devkit.tiny import make_toy_data
 
     run = tmp_path / "run"
@@ -103,7 +103,15 @@ def test_overwrite_recomputes_everything_and_keeps_the_old_run_until_done(base, 
     with pytest.raises(RunError, match="different options"):
         compute(changed, run)
     fresh = compute(changed, tmp_path / "fresh")
+    from gist_backend.curation.edits import add_edit, load_edits
+
+    edits = add_edit(run, "exclude", open_run(run).train["id"][:2].to_list(), "api")
+    (run / "evals").mkdir()
+    (run / "evals" / "old.json").write_text("{}")
+    capsys.readouterr()
     compute(changed, run, overwrite=True)
+    assert load_edits(run) == edits and not (run / "evals").exists()  # a curator's edits carry over, results of the old run do not
+    assert "its curation edits kept; discarded: evals" in capsys.readouterr().out
     got, want = open_run(run), open_run(fresh)
     assert got.k_max == want.k_max == 4 and got.manifest["k_max"] == 4 and got.manifest["config"]["lora_rank"] == 4
     np.testing.assert_array_equal(got.val_coords, want.val_coords)
@@ -143,11 +151,14 @@ def test_killed_overwrite_leaves_the_old_run_readable(base, tmp_path):
         time.sleep(0.05)
     assert marker.exists()
     np.testing.assert_array_equal(scores(open_run(run), "gist"), old)  # still the old run while the new one is computed
+    from gist_backend.curation.edits import add_edit, load_edits
+
+    edits = add_edit(run, "include", open_run(run).train["id"][:1].to_list(), "api")  # and a curator can still edit it
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
     np.testing.assert_array_equal(scores(open_run(run), "gist"), old)
     compute(cfg, run, overwrite=True)  # the same command resumes the new run in its side folder, then swaps
-    assert open_run(run).k_max == 3
+    assert open_run(run).k_max == 3 and load_edits(run) == edits
 
 
 # ---------------------------------------------------------------- 3. changed inputs are detected
