@@ -34,6 +34,7 @@ def start_map(run_dir: Path) -> None:
 
 def cmd_add_target(args: argparse.Namespace) -> None:
     from .compute import Progress
+    from .runs.manifest import read_manifest
     from .targets import add_target
 
     progress = Progress(Path(args.run_dir), file="add-target.progress.json")
@@ -44,6 +45,9 @@ def cmd_add_target(args: argparse.Namespace) -> None:
         progress.finish("cancelled" if isinstance(err, KeyboardInterrupt) else "failed", f"{type(err).__name__}: {err}")
         raise
     progress.finish("complete", None)
+    skipped = (read_manifest(run_dir).get("bad_records_by_target") or {}).get(args.name)
+    if skipped:
+        print(f"{skipped} validation record(s) skipped: see {run_dir / 'bad_records.jsonl'} (file, line and reason)")
     print(f"target {args.name!r} added to {run_dir}\nnext: gist-curate info --run-dir {run_dir} --target {args.name}")
 
 

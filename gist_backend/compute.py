@@ -28,7 +28,7 @@ import torch
 
 from .config import ComputeConfig, pool_sketch_dim  # noqa: F401 (ComputeConfig is public: from gist_backend.compute import ComputeConfig)
 from .engine.device import barrier, distributed, resolve_device, resolve_dtypes
-from .engine.grads import lora_factors
+from .engine.grads import lora_dim, lora_factors
 from .curation.edits import EDITS_FILE
 from .engine.records import fingerprint, resolve_input
 from .runs.files import RunError, tool_version, utc_now, write_json
@@ -241,7 +241,7 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
             checkpoints = checkpoints_for(config, model, prepared.train, pad_id, run_dir, device, autocast, progress)
         timed("warmup", t0)
         chosen = plan(config, checkpoints)
-        d = sum(m.weight.numel() for _, m in lora_factors(model))
+        d = lora_dim(model)
         memory = memory_plan(config, model, d, len(prepared.val), weight_dtype)
         if main:
             print(memory.describe(), flush=True)
@@ -288,7 +288,7 @@ def _checkpoint_passes(config, model, prepared, pad_id: int, checkpoint, ckpt_di
     t0 = time.perf_counter()
     grads = None
     if dump is not None:
-        d = sum(m.weight.numel() for _, m in lora_factors(model))
+        d = lora_dim(model)
         dump.mkdir(parents=True, exist_ok=True)
         grads = np.lib.format.open_memmap(dump / "train_grads.npy", mode="w+", dtype=np.float32, shape=(len(prepared.train), d))
     pool_pass(config, model, prepared.train, pad_id, checkpoint, ckpt_dir, target, gist=gist, sketch=sketch, device=device,

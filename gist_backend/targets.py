@@ -25,16 +25,15 @@ import torch
 
 from .config import ComputeConfig
 from .engine.device import resolve_device, resolve_dtypes
-from .engine.grads import iter_gradients, lora_factors
 from .engine.records import fingerprint
-from .methods import geometry
 from .methods.gist import eig_subspace, sketched_basis
-from .methods.projection import make_projection, project
+from .methods.projection import make_projection
 from .runs.files import RunError, read_json, read_npy, read_tensors, tensors_complete, write_json, write_tensors
 from .runs.lock import run_lock
 from .runs.manifest import check_target_name, read_manifest, write_manifest
 from .runs.store import TargetData, open_run, write_target
 from .stages.checkpoints import Checkpoint, load_adapter_weights, stored_checkpoints
+from .stages.passes import sketch_rows, validation_gradients, write_geometry
 from .stages.prepare import prepare_targets
 
 
@@ -47,30 +46,20 @@ def run_config(manifest: dict) -> ComputeConfig:
 def _validation(config: ComputeConfig, model, examples: list, pad_id: int, path: Path, *, gist: bool, less: bool, device, autocast,
                 reusable: dict, progress, name: str) -> None:  # fmt: skip
     """One checkpoint's (``name``) validation gradients → subspace, geometry and sketches of the new target (no d × k basis)."""
-    factors = lora_factors(model)
-    d = sum(m.weight.numel() for _, m in factors)
-    grads = np.empty((len(examples), d), np.float32)
-    for indices, batch, _ in iter_gradients(model, examples, pad_id, device=device, max_tokens=config.max_tokens, max_batch=config.max_batch,
-                                            autocast_dtype=autocast, desc=f"val grads {name}",
-                                            progress=lambda done, total, rate: progress(f"validation gradients ({name})", done, total, rate)):  # fmt: skip
-        grads[indices] = batch.cpu().numpy()
+    spill_path = path.with_suffix(".spill.npy")
+    grads = validation_gradients(config, model, examples, pad_id, spill_path, device=device, autocast=autocast, progress=progress, name=name)
+    d = grads.shape[1]
     tensors: dict[str, np.ndarray] = {}
-    blocks: dict[str, np.ndarray] = {}
     if gist:
         sigma_all, val_coords = eig_subspace(grads, config.k_max)
-        tensors.update(sigma=sigma_all.astype(np.float32), val_coords=val_coords,
-                       val_pool_sketch=_sketch(grads, make_projection(d, reusable["dim"], reusable.get("seed", config.seed))))  # fmt: skip
-        summary, blocks = geometry.coupling(grads, geometry.module_slices([n for n, _ in factors], [m.weight.numel() for _, m in factors]))
-        blocks["gist_block"] = geometry.normalised_block(val_coords[:, : geometry.MAX_BLOCK]).astype(np.float32)
-        write_json(path.with_suffix(".json"), {"spectrum": geometry.spectrum(sigma_all), **summary})
-        write_tensors(path.with_name(path.stem + "-coupling.safetensors"), blocks)
+        pool_proj = make_projection(d, reusable["dim"], reusable.get("seed", config.seed))
+        tensors.update(sigma=sigma_all.astype(np.float32), val_coords=val_coords, val_pool_sketch=sketch_rows(grads, pool_proj))
+        write_geometry(grads, model, sigma_all, val_coords, path.with_name(path.stem + "-coupling.safetensors"), path.with_suffix(".json"))
     if less:
-        tensors["val_sketch"] = _sketch(grads, make_projection(d, config.less_dim, config.seed)).astype(np.float16)
+        tensors["val_sketch"] = sketch_rows(grads, make_projection(d, config.less_dim, config.seed)).astype(np.float16)
     write_tensors(path, tensors)  # last: marks this checkpoint finished
-
-
-def _sketch(grads: np.ndarray, proj) -> np.ndarray:
-    return np.concatenate([project(proj, torch.from_numpy(grads[s : s + 256])).numpy() for s in range(0, grads.shape[0], 256)])
+    del grads
+    spill_path.unlink(missing_ok=True)
 
 
 def pool_coordinates(pool_sketch: np.ndarray, val_pool_sketch: np.ndarray, val_coords: np.ndarray, sigma: np.ndarray, block: int = 1 << 14,
@@ -121,57 +110,77 @@ def add_target(run_dir: str | Path, val_files: list[str], name: str, *, device: 
         config = run_config(run.manifest)
         if max_tokens:
             config.max_tokens = max_tokens
-        examples, table, bad = prepare_targets(val_files, _tokenizer(config), config.max_len)
-        work = run.path / "targets" / f".{name}.work"
+        dev = resolve_device(device)
+        model, tokenizer = _model(config, dev)
+        examples, table, bad = prepare_targets(val_files, tokenizer, config.max_len)
+        fingerprints = {p: fingerprint(p) for p in val_files}
+        work = _work_folder(run.path / "targets" / f".{name}.work", {"val": fingerprints, "max_len": config.max_len})
         checkpoints = stored_checkpoints(run.path, run.manifest)
         by_name = {c.name: i for i, c in enumerate(checkpoints)}
         gist = [by_name[n] for n in run.manifest["gist"]["checkpoints"]]
         less = [by_name[n] for n in (run.manifest.get("less") or {}).get("checkpoints", [])]
-        _validations(config, checkpoints, sorted(set(gist) | set(less)), gist, less, examples, work, device, reusable, progress)
+        for c in sorted(set(gist) | set(less)):
+            if not tensors_complete(work / f"ckpt-{c}.safetensors", {}):  # finished checkpoints of an interrupted add-target are kept
+                load_adapter_weights(model, Path(checkpoints[c].adapter))
+                _validation(config, model, examples, tokenizer.pad_token_id, work / f"ckpt-{c}.safetensors", gist=c in gist, less=c in less,
+                            device=dev, autocast=resolve_dtypes(config.dtype, dev)[1], reusable=reusable, progress=progress,
+                            name=checkpoints[c].name)  # fmt: skip
+        del model
         columns = subsample_columns(int(reusable["dim"]), int(sketch_dim), int(reusable.get("seed", config.seed))) if sketch_dim else None
-        data = _target_data(run, name, val_files, table, checkpoints, gist, less, work, columns)
+        data = _target_data(run, name, val_files, fingerprints, table, checkpoints, gist, less, work, columns)
         manifest = read_manifest(run.path)
         write_target(run.path, manifest, data)
         manifest.setdefault("timings", {})[f"add-target {name}"] = round(time.perf_counter() - t0, 3)
         manifest.setdefault("bad_records_by_target", {})[name] = len(bad)
         if sketch_dim:
             manifest.setdefault("target_sketch_dims", {})[name] = int(sketch_dim)
+        _report_bad_records(run.path / "bad_records.jsonl", name, bad)
         write_manifest(run.path / "manifest.json", manifest)
         shutil.rmtree(work, ignore_errors=True)
     return run.path
 
 
-def _tokenizer(config: ComputeConfig):
-    from .engine.model import load_model
-
-    cache = Path(config.model_cache_dir) if config.model_cache_dir else None
-    return load_model(config.model, device="cpu", cache_dir=cache)[1]
-
-
-def _validations(config, checkpoints: list[Checkpoint], needed: list[int], gist: list[int], less: list[int], examples, work: Path, device: str,
-                 reusable: dict, progress) -> None:  # fmt: skip
-    """The new target's validation gradients at every checkpoint a method uses (finished ones are kept)."""
+def _model(config: ComputeConfig, dev: torch.device):
+    """(model with the run's LoRA attached, tokenizer), loaded once, on ``dev``, in the run's dtype."""
     from .engine.model import attach_lora, load_adapter, load_model
 
-    todo = [c for c in needed if not tensors_complete(work / f"ckpt-{c}.safetensors", {})]
-    if not todo:
-        return
-    dev = resolve_device(device)
-    weight_dtype, autocast = resolve_dtypes(config.dtype, dev)
+    weight_dtype, _ = resolve_dtypes(config.dtype, dev)
     model, tokenizer = load_model(config.model, dtype=weight_dtype, device=str(dev), cache_dir=Path(config.model_cache_dir) if config.model_cache_dir else None)
     if config.adapter:
         model = load_adapter(model, config.adapter)
     else:
         model = attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_targets,
                             init_b_nonzero=not config.warmup, seed=config.seed)  # fmt: skip
-    model.to(dev)
-    for c in todo:
-        load_adapter_weights(model, Path(checkpoints[c].adapter))
-        _validation(config, model, examples, tokenizer.pad_token_id, work / f"ckpt-{c}.safetensors", gist=c in gist, less=c in less,
-                    device=dev, autocast=autocast, reusable=reusable, progress=progress, name=checkpoints[c].name)  # fmt: skip
+    return model.to(dev), tokenizer
 
 
-def _target_data(run, name: str, val_files: list[str], table, checkpoints: list[Checkpoint], gist: list[int], less: list[int], work: Path,
+def _work_folder(work: Path, inputs: dict) -> Path:
+    """The validation work folder, emptied first if an interrupted add-target left it for other validation files."""
+    stamp = work / "inputs.json"
+    if work.exists():
+        try:
+            same = read_json(stamp) == inputs
+        except (RunError, OSError):
+            same = False
+        if not same:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, inputs)
+    return work
+
+
+def _report_bad_records(path: Path, target: str, bad: list[dict]) -> None:
+    """List the target's skipped validation records in the run's bad-record report (replacing an earlier list for it)."""
+    import json
+
+    from .stages.prepare import write_bad_records
+
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [row for row in map(json.loads, filter(None, lines)) if row.get("target") != target]
+    write_bad_records(path, kept + [{**b, "target": target} for b in bad])
+
+
+def _target_data(run, name: str, val_files: list[str], fingerprints: dict, table, checkpoints: list[Checkpoint], gist: list[int], less: list[int], work: Path,
                  columns: tuple[np.ndarray, float] | None = None) -> TargetData:  # fmt: skip
     """Everything the run stores for the new target, from the validation work and the run's pool sketches."""
     parts = {c: read_tensors(work / f"ckpt-{c}.safetensors") for c in set(gist) | set(less)}
@@ -181,7 +190,7 @@ def _target_data(run, name: str, val_files: list[str], table, checkpoints: list[
                        for j, c in enumerate(gist)])  # fmt: skip
     geometry_list = [{"name": checkpoints[c].name, **read_json(work / f"ckpt-{c}.json")} for c in gist]
     coupling = read_tensors(work / f"ckpt-{gist[-1]}-coupling.safetensors")
-    data = TargetData(name=name, val=table, files=list(val_files), fingerprints={p: fingerprint(p) for p in val_files}, train_coords=coords,
+    data = TargetData(name=name, val=table, files=list(val_files), fingerprints=fingerprints, train_coords=coords,
                       val_coords=np.stack([parts[c]["val_coords"][:, :k] for c in gist]), geometry=geometry_list, coupling=coupling)  # fmt: skip
     if less:
         from dataclasses import replace

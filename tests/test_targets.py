@@ -97,6 +97,31 @@ def test_add_target_resumes_and_lists_the_target_only_when_complete(two_targets,
     assert "again" in open_run(run_dir).targets
 
 
+def test_interrupted_add_target_rerun_with_other_files_starts_afresh(two_targets, monkeypatch, tmp_path, capsys):
+    """Work left by an interrupted add-target is reused only for the same validation files; skipped records are listed."""
+    import shutil
+
+    from gist_backend import targets
+
+    run_dir, clean = tmp_path / "run", tmp_path / "clean"
+    shutil.copytree(two_targets["run"], run_dir)
+    shutil.copytree(two_targets["run"], clean)
+    other = tmp_path / "birds.jsonl"  # as many records as the first file, other content, and one unusable line
+    other.write_text("".join(json.dumps({"id": f"b{i}", "messages": [
+        {"role": "user", "content": f"What colour is bird {i}?"},
+        {"role": "assistant", "content": f"Bird {i} is {'red blue green'.split()[i % 3]}."}]}) + "\n" for i in range(12)) + "{not json\n")  # fmt: skip
+    monkeypatch.setattr(targets, "_target_data", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        targets.add_target(run_dir, [str(two_targets["other"])], "t")
+    monkeypatch.undo()
+    cli_main(["add-target", "--run-dir", str(run_dir), "--val", str(other), "--name", "t"])
+    assert "1 validation record(s) skipped" in capsys.readouterr().out
+    targets.add_target(clean, [str(other)], "t")
+    np.testing.assert_array_equal(open_run(run_dir, "t").train_coords, open_run(clean, "t").train_coords)
+    bad = [json.loads(line) for line in (run_dir / "bad_records.jsonl").read_text().splitlines()]
+    assert [(b["target"], b["file"], b["line"]) for b in bad if b.get("target")] == [("t", str(other), 13)]
+
+
 def test_add_target_on_a_subset_of_the_sketch(two_targets, tmp_path):
     """--sketch-dim P' uses a seeded uniform subset of the stored sketch: all of it is the default; fewer is coarser."""
     import shutil

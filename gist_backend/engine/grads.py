@@ -108,6 +108,11 @@ def lora_factors(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     return factors
 
 
+def lora_dim(model: torch.nn.Module) -> int:
+    """d, the number of coordinates of one example's LoRA gradient."""
+    return sum(module.weight.numel() for _, module in lora_factors(model))
+
+
 class _Capture:
     """Forward/tensor hooks that turn one backward pass into per-example weight gradients."""
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..config import ComputeConfig, pool_sketch_dim
-from ..engine.grads import iter_gradients, lora_factors
+from ..engine.grads import iter_gradients, lora_dim, lora_factors
 from ..methods import geometry
 from ..methods.gist import Projector, fit_subspace
 from ..runs.files import read_tensors, tensors_complete, write_json, write_npy, write_tensors
@@ -42,16 +42,12 @@ def validation_done(ckpt_dir: Path, target: str, gist: bool, sketch: bool) -> bo
     return tensors_complete(validation_file(ckpt_dir, target), keys)
 
 
-def validation_pass(config: ComputeConfig, model, val_ex: list, pad_id: int, ckpt_dir: Path, target: str, *, gist: bool, sketch: bool,
-                    device, autocast, progress, dump_dir: Path | None = None, name: str | None = None) -> None:  # fmt: skip
-    """Validation gradients → subspace, spectrum, coupling (GIST) and projected sketch (LESS) for one checkpoint (``name``, for progress)."""
-    name = name or ckpt_dir.name
-    factors = lora_factors(model)
-    d = sum(module.weight.numel() for _, module in factors)
-    m = len(val_ex)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    spill_path = ckpt_dir / f"val-{target}.spill.npy"
+def validation_gradients(config: ComputeConfig, model, val_ex: list, pad_id: int, spill_path: Path, *, device, autocast, progress,
+                         name: str) -> np.ndarray:  # fmt: skip
+    """The (m, d) validation gradients at the model's adapter: in memory, or memory-mapped at ``spill_path`` beyond --memory-budget-gb."""
+    d, m = lora_dim(model), len(val_ex)
     if m * d * 4 > config.memory_budget_gb * 2**30:
+        spill_path.parent.mkdir(parents=True, exist_ok=True)
         grads = np.lib.format.open_memmap(spill_path, mode="w+", dtype=np.float32, shape=(m, d))
     else:
         grads = np.empty((m, d), np.float32)
@@ -60,22 +56,43 @@ def validation_pass(config: ComputeConfig, model, val_ex: list, pad_id: int, ckp
         desc=f"val grads {name}", progress=lambda done, total, rate: progress(f"validation gradients ({name})", done, total, rate),
     ):  # fmt: skip
         grads[indices] = batch_grads.cpu().numpy()
+    return grads
+
+
+def write_geometry(grads: np.ndarray, model, sigma_all: np.ndarray, val_coords: np.ndarray, coupling_path: Path, geometry_path: Path) -> None:
+    """The target's spectrum and coupling summary (JSON) and its heatmap blocks (safetensors) at one checkpoint."""
+    factors = lora_factors(model)
+    slices = geometry.module_slices([n for n, _ in factors], [module.weight.numel() for _, module in factors])
+    summary, blocks = geometry.coupling(grads, slices)
+    blocks["gist_block"] = geometry.normalised_block(val_coords[:, : geometry.MAX_BLOCK]).astype(np.float32)
+    write_tensors(coupling_path, blocks)
+    write_json(geometry_path, {"spectrum": geometry.spectrum(sigma_all), **summary})
+
+
+def sketch_rows(grads: np.ndarray, proj) -> np.ndarray:
+    """``proj`` applied to the rows of ``grads`` (memory-mapped or not), SKETCH_BLOCK rows at a time."""
+    from ..methods.projection import project
+
+    blocks = range(0, grads.shape[0], SKETCH_BLOCK)
+    return np.concatenate([project(proj, torch.as_tensor(np.asarray(grads[s : s + SKETCH_BLOCK]))).numpy() for s in blocks])
+
+
+def validation_pass(config: ComputeConfig, model, val_ex: list, pad_id: int, ckpt_dir: Path, target: str, *, gist: bool, sketch: bool,
+                    device, autocast, progress, dump_dir: Path | None = None, name: str | None = None) -> None:  # fmt: skip
+    """Validation gradients → subspace, spectrum, coupling (GIST) and projected sketch (LESS) for one checkpoint (``name``, for progress)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    spill_path = ckpt_dir / f"val-{target}.spill.npy"
+    grads = validation_gradients(config, model, val_ex, pad_id, spill_path, device=device, autocast=autocast, progress=progress,
+                                 name=name or ckpt_dir.name)  # fmt: skip
     tensors: dict[str, np.ndarray] = {}
     if gist:
         sigma_all, basis, val_coords = fit_subspace(grads, config.k_max)
         tensors.update(sigma=sigma_all.astype(np.float32), basis=basis, val_coords=val_coords)
-        slices = geometry.module_slices([n for n, _ in factors], [module.weight.numel() for _, module in factors])
-        summary, blocks = geometry.coupling(grads, slices)
-        blocks["gist_block"] = geometry.normalised_block(val_coords[:, : geometry.MAX_BLOCK]).astype(np.float32)
-        write_tensors(ckpt_dir / f"coupling-{target}.safetensors", blocks)
-        write_json(ckpt_dir / f"geometry-{target}.json", {"spectrum": geometry.spectrum(sigma_all), **summary})
+        write_geometry(grads, model, sigma_all, val_coords, ckpt_dir / f"coupling-{target}.safetensors", ckpt_dir / f"geometry-{target}.json")
     if sketch:
-        from ..methods.projection import make_projection, project
+        from ..methods.projection import make_projection
 
-        proj = make_projection(d, config.less_dim, config.seed)
-        tensors["val_sketch"] = np.concatenate(
-            [project(proj, torch.as_tensor(np.asarray(grads[s : s + SKETCH_BLOCK]))).numpy() for s in range(0, m, SKETCH_BLOCK)]
-        ).astype(np.float16)
+        tensors["val_sketch"] = sketch_rows(grads, make_projection(grads.shape[1], config.less_dim, config.seed)).astype(np.float16)
     if dump_dir is not None:
         write_npy(dump_dir / "val_grads.npy", np.asarray(grads))
     write_tensors(validation_file(ckpt_dir, target), tensors)  # last: marks the stage finished
@@ -92,7 +109,7 @@ def pool_pass(config: ComputeConfig, model, train_ex: list, pad_id: int, checkpo
               gist: bool, sketch: bool, device, autocast, progress, dump: np.ndarray | None = None,
               proc_rank: int = 0, world: int = 1) -> None:  # fmt: skip
     """Pool gradients → coordinates and ‖g‖ (GIST) and sketches (LESS), shard by shard; finished shards are skipped."""
-    d = sum(m.weight.numel() for _, m in lora_factors(model))
+    d = lora_dim(model)
     projector = None
     if gist:
         projector = Projector(read_tensors(validation_file(ckpt_dir, target))["basis"], device, BASIS_DTYPES[config.basis_dtype],
