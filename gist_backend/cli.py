@@ -15,11 +15,26 @@ from .config import G2IS_ORIENTATIONS, METHODS, RECIPES, ComputeConfig
 RESUMABLE = ("compute", "demo", "evaluate", "map", "add-target")  # commands whose interruption leaves work that the same command resumes
 
 
-def _budget(text: str) -> int | float | str:
-    """'500' → count, '0.05' or '5%' → fraction."""
-    if text.endswith("%"):
-        return text
-    return float(text) if "." in text or "e" in text.lower() else int(text)
+def _budget(text: str) -> str:
+    """A budget as given ('500' a count, '0.05' or '5%' a fraction of the pool), checked now so a typo fails before any work."""
+    from .curation.budget import resolve_budget_note
+
+    try:
+        resolve_budget_note(text, sys.maxsize)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _cap(text: str) -> str:
+    """A per-source cap as given ('50' a count, '0.3' or '30%' a fraction of the budget), checked now."""
+    from .curation.budget import cap_count
+
+    try:
+        cap_count(text, 1)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _baselines(text: str) -> int:
@@ -47,10 +62,13 @@ def add_compute_flags(p: argparse.ArgumentParser) -> None:
         flag, required = "--" + f.name.replace("_", "-"), f.default is MISSING and f.default_factory is MISSING
         default = None if required else (f.default if f.default is not MISSING else f.default_factory())
         help_text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-        kw = {"help": help_text + ("" if required or default in (None, "") else f" (default: {default})")}
+        shown = ",".join(default) if isinstance(default, list) else default
+        kw = {"help": help_text + ("" if required or default in (None, "") else f" (default: {shown})")}
         if isinstance(default, bool):
             negated = "--no-" + f.name.replace("_", "-")
-            p.add_argument(negated if default else flag, dest=f.name, action="store_false" if default else "store_true", help=help_text)
+            off_help = f.metadata.get("off_help", f"turn off: {f.metadata['help']}").replace("%", "%%")
+            p.add_argument(negated if default else flag, dest=f.name, action="store_false" if default else "store_true",
+                           help=off_help if default else help_text)  # fmt: skip
         elif f.name in ("train", "val"):
             p.add_argument(flag, nargs="+", required=True, **kw)
         elif f.name in ("methods", "lora_targets"):
@@ -125,8 +143,8 @@ def _add_curation_commands(sub) -> None:
     p = sub.add_parser("select", help="select a budget and export the original records as JSONL")
     _add_run(p)
     _add_scoring(p)
-    p.add_argument("--budget", required=True, type=_budget, help="count (500) or fraction (0.05 or 5%%)")
-    p.add_argument("--per-source-cap", type=_budget, default=None, help="max count (or fraction of the budget) per source")
+    p.add_argument("--budget", required=True, type=_budget, help="a count (500; 1.0 is one example) or a fraction of the pool (0.05 or 5%%)")
+    p.add_argument("--per-source-cap", type=_cap, default=None, help="most examples per source: a count (50) or a fraction of the budget (0.3 or 30%%; 1.0 is the whole budget)")
     p.add_argument("--g2is-orientation", choices=G2IS_ORIENTATIONS, default="sklearn",
                    help="sign of G2IS's PCA components: sklearn's (as its authors run it) or along the mean validation feature")  # fmt: skip
     p.add_argument("--out", required=True)
@@ -166,6 +184,7 @@ def _add_report_commands(sub) -> None:
     p.add_argument("--test", required=True, help="held-out target records (JSONL etc.); 'choices' + 'answer_index' give accuracy")
     _add_scoring(p)
     p.add_argument("--budget", type=_budget, default=None, help="count or fraction, as for select (curation edits apply)")
+    p.add_argument("--per-source-cap", type=_cap, default=None, help="as for select: most examples per source (a count or a fraction of the budget)")
     p.add_argument("--selection", default=None, metavar="FILE.jsonl", help="evaluate an exported selection instead of --method/--budget")
     p.add_argument("--baselines", type=_baselines, default=3, metavar="random:N", help="N random selections of the same size (default random:3)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the run's warmup epochs)")

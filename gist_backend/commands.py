@@ -165,13 +165,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         check_output(run, args.json, force=args.force, sidecar=False)  # before hours of fine-tuning, not after
     if args.selection:
-        if args.budget is not None or args.rank is not None or args.method != "gist":
-            raise ValueError("give either --selection FILE.jsonl or --method/--rank/--budget, not both")
+        if args.budget is not None or args.rank is not None or args.method != "gist" or args.per_source_cap is not None:
+            raise ValueError("give either --selection FILE.jsonl or --method/--rank/--budget/--per-source-cap, not both")
         selection = selection_from_file(run, args.selection)
     elif args.budget is None:
         raise ValueError("give --budget (with --method and --rank) or --selection FILE.jsonl")
     else:
-        selection = select(run, method=args.method, rank=args.rank, budget=args.budget, seed=args.seed)
+        selection = select(run, method=args.method, rank=args.rank, budget=args.budget, per_source_cap=args.per_source_cap, seed=args.seed)
     progress = Progress(run.path / "evals", file="progress.json")
     try:
         result = evaluate(run, args.test, selection, baselines=args.baselines, recipe=EvalRecipe.from_run(run, epochs=args.epochs, lr=args.lr),

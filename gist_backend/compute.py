@@ -256,9 +256,9 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
         if main:
             t0 = time.perf_counter()
             progress("merging", 0, 1, force=True)
-            manifest["warnings"] = degenerate_subspace_warnings(len(prepared.val), config.k_max)
             manifest["reusable"] = {"dim": pool_sketch_dim(config.sketch_dim, d), "seed": config.seed} if config.reusable else None
             merge(run_dir, manifest, prepared, checkpoints, chosen, target, config.val, fingerprints["val"], config.shard_size)
+            manifest["warnings"] = degenerate_subspace_warnings(len(prepared.val), config.k_max, manifest["k_max"])
             timings["merge"] = round(time.perf_counter() - t0, 3)
             write_manifest(run_dir / "manifest.json", manifest)
             for c in chosen.passes:  # merged into the run's arrays: only resuming needed them
@@ -318,12 +318,16 @@ def memory_plan(config: ComputeConfig, model, d: int, m: int, weight_dtype: torc
                        basis_memory=config.basis_memory_gb * 2**30, host_memory=config.memory_budget_gb * 2**30, activations=activations)  # fmt: skip
 
 
-def degenerate_subspace_warnings(n_val: int, k_max: int) -> list[str]:
-    """Warnings for a subspace too small to rank by: with one direction every GIST score is ±1."""
+def degenerate_subspace_warnings(n_val: int, k_max: int, directions: int) -> list[str]:
+    """Warnings for a subspace too small to rank by (``directions`` kept of the validation gradients): with one, every GIST score is ±1."""
     out = []
-    if min(n_val, k_max) < 2:
-        cause = f"only {n_val} validation example" if n_val < 2 else f"--k-max {k_max}"
-        fix = "Give more validation examples (10 or more)" if n_val < 2 else "Use --k-max 2 or more"
+    if directions < 2:
+        if min(n_val, k_max) < 2:
+            cause = f"only {n_val} validation example" if n_val < 2 else f"--k-max {k_max}"
+            fix = "Give more validation examples (10 or more)" if n_val < 2 else "Use --k-max 2 or more"
+        else:
+            cause = f"the {n_val} validation gradients are parallel: duplicate or near-identical examples"
+            fix = "Give distinct validation examples (10 or more)"
         out.append(f"the task subspace has 1 direction ({cause}): every GIST score is ±1 and the ranking is meaningless. {fix}.")
     elif n_val < 10:
         out.append(f"only {n_val} validation examples: the task subspace has at most {n_val} directions and GIST scores are coarse. "

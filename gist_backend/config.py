@@ -64,7 +64,8 @@ class ComputeConfig:
     lora_dropout: float = _opt(0.0, "LoRA dropout during the warmup (gradients are taken without dropout)")
     lora_targets: list[str] | None = _opt(None, "comma-separated module names (default: q,k,v,o projections)")
     adapter: str | None = _opt(None, "an existing peft LoRA adapter folder to use instead of a warmup")
-    warmup: bool = _opt(True, "warmup LoRA training on a seeded part of the pool (off: a fresh adapter, B ~ N(0, small))")
+    warmup: bool = _opt(True, "warmup LoRA training on a seeded part of the pool (off: a fresh adapter, B ~ N(0, small))",
+                        off_help="skip the warmup: take the gradients of a fresh adapter (B ~ N(0, small))")  # fmt: skip
     warmup_fraction: float = _opt(0.05, "share of the pool used for the warmup")
     warmup_epochs: int = _opt(4, "warmup epochs; one checkpoint per epoch")
     warmup_lr: float = _opt(2e-5, "peak learning rate of the warmup")

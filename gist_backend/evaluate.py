@@ -274,7 +274,8 @@ def evaluate(run: Run, test: str | Path, selections: Selection | list[Selection]
             entry = _summary(arm)
             if sel is not None:
                 entry["selection"] = {"method": sel.method, "rank": sel.rank, "budget": sel.budget, "target": sel.target,
-                                      "edits_hash": _key(sel.forced_in, sel.forced_out), "n_edits": sel.n_edits}  # fmt: skip
+                                      "per_source_cap": sel.per_source_cap, "edits_hash": _key(sel.forced_in, sel.forced_out),
+                                      "n_edits": sel.n_edits}  # fmt: skip
             if arm["kind"] != "random":
                 mean_loss = np.mean([r["loss"] for r in group], axis=0)
                 mean_acc = np.mean([r["correct"] for r in group], axis=0)

@@ -202,7 +202,10 @@ def test_filters(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (scores >= 0.2).all()
     lengths = run.train["n_tokens"].to_numpy()
     lo, hi = int(np.percentile(lengths, 25)), int(np.percentile(lengths, 75))
-    at.slider(key="f_score").set_value((-1.0, 1.0)).run()
+    at.selectbox(key="method").set_value("random").run()  # another score scale: the score filter starts open again
+    assert at.slider(key="f_score").value == (0.0, 1.0) and len(at.dataframe[0].value) == min(run.train.height, 100)
+    at.selectbox(key="method").set_value("gist").run()
+    assert at.slider(key="f_score").value == (-1.0, 1.0)
     at.slider(key="f_length").set_value((lo, hi)).run()
     shown = at.dataframe[0].value
     assert ((shown["length"] >= lo) & (shown["length"] <= hi)).all()
@@ -674,6 +677,7 @@ def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypa
     at.text_input(key="eval_test").set_value(str(test))
     at.number_input(key="eval_baselines").set_value(2)
     at.number_input(key="eval_epochs").set_value(1)
+    at.session_state["cap_on"], at.session_state["cap_mode"], at.session_state["cap_count"] = True, "count", 1  # the Export view's cap
     button(at, "Evaluate the current selection").click().run()
     assert_clean(at)
     finish_job(run_dir, "evaluate", timeout=240)
@@ -684,7 +688,7 @@ def test_evaluate_page_runs_an_evaluation_in_the_background(tiny_llama, monkeypa
 
     (result,) = past_evaluations(open_run(run_dir))
     assert result["baselines"] == 2 and result["recipe"]["epochs"] == 1 and result["arms"][0]["selection"]["budget"] == 2  # 5 % of 40
-    assert result["train_seeds"] == 1
+    assert result["train_seeds"] == 1 and result["arms"][0]["selection"]["per_source_cap"] == "1"  # what every view shows, cap included
     assert app(run_dir, monkeypatch, "evaluate").text_input(key="eval_test").value == str(test)  # a new session offers the last test file
 
 

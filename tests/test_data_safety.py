@@ -351,6 +351,20 @@ def test_bad_arguments_and_unknown_ids(base, capsys):
         assert "rank must be a whole number from 1 to k_max=6, got 0" in _error(capsys, [*command, "--run-dir", str(base["run"]), "--rank", "0"])
 
 
+def test_a_bad_budget_or_cap_is_refused_before_any_work_saying_what_fits(base, capsys):
+    run = ["--run-dir", str(base["run"]), "--out", str(base["root"] / "never.jsonl")]
+    for flags, message in ((["--budget", "abc"], "budget 'abc' is not a count (500), a fraction (0.05) or a percentage (5%)"),
+                           (["--budget", "2.5"], "a float is a fraction (< 1) or a whole count"),
+                           (["--budget", "5", "--per-source-cap", "2.0"], "a float cap is a fraction of the budget in (0, 1]"),
+                           (["--budget", "5", "--per-source-cap", "x"], "is not a count (50), a fraction (0.3) or a percentage (30%)")):  # fmt: skip
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["select", *run, *flags])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not (base["root"] / "never.jsonl").exists()
+
+
 @pytest.mark.parametrize("recipe", [[], ["--recipe", "paper"]])
 def test_every_command_prints_its_help(recipe, capsys):
     from gist_backend.cli import build_parser
@@ -411,3 +425,8 @@ def test_a_degenerate_subspace_is_warned_about(base, tmp_path, capsys):
     assert run.k_max == 1 and "every GIST score is ±1" in run.manifest["warnings"][0] and "(only 1 validation example)" in run.manifest["warnings"][0]
     cli_main(["info", "--run-dir", str(run.path)])
     assert "warning: the task subspace has 1 direction" in capsys.readouterr().out
+    record = json.loads(base["val"].read_text().splitlines()[0])
+    same = tmp_path / "same.jsonl"  # three validation examples, one gradient: still a single direction
+    same.write_text("".join(json.dumps({**record, "id": f"copy-{i}"}) + "\n" for i in range(3)))
+    run = open_run(compute(_config(base["model"], base["pool"], same), tmp_path / "run-same"))
+    assert run.k_max == 1 and "validation gradients are parallel" in run.manifest["warnings"][0]

@@ -103,6 +103,8 @@ def test_gist_global_is_the_cosine_of_the_whole_gradient_with_the_target_directi
         per_task_product = _cosines(coords[:, :rank], centroids) * share[:, None]
         np.testing.assert_allclose(ours, per_task_product.max(1), atol=1e-5)
         assert np.all(np.abs(ours) <= np.abs(inside) + 1e-6)
+    with pytest.raises(ValueError, match="needs both coord_norms"):
+        gist_scores(unit[None], val_coords[None], tasks, [1.0], 3, grad_norms=np.linalg.norm(train, axis=1)[None])
 
 
 def test_rank_deficient_validation_keeps_only_real_directions():

@@ -37,6 +37,8 @@ if start:
         argv = ["--target", run.target, "--test", str(path), "--method", backend.method(run), "--rank", str(session.rank()),
                 "--budget", str(backend.budget(run)), "--baselines", f"random:{int(baselines)}", "--epochs", str(int(epochs)), "--lr", str(lr),
                 "--train-seeds", str(int(train_seeds))]  # fmt: skip
+        if session.per_source_cap() is not None:  # the Export view's cap shapes the selection every view shows
+            argv += ["--per-source-cap", str(session.per_source_cap())]
         pid = jobs.launch("evaluate", argv, run.path)
     except (OSError, ValueError, PermissionError) as err:
         session.show_error(err, "Could not start the evaluation")

@@ -33,8 +33,9 @@ ss = st.session_state
 lo_score, hi_score = (0.0, 1.0) if backend.score_method(method) == "random" else (-1.0, 1.0)
 lengths = run.train["n_tokens"]
 lo_len, hi_len = int(lengths.min()), max(int(lengths.max()), int(lengths.min()) + 1)
-ss["f_score"] = tuple(float(np.clip(v, lo_score, hi_score)) for v in ss.get("f_score", (lo_score, hi_score)))
-ss["f_length"] = tuple(int(np.clip(v, lo_len, hi_len)) for v in ss.get("f_length", (lo_len, hi_len)))
+for key, bounds in (("f_score", (lo_score, hi_score)), ("f_length", (lo_len, hi_len))):
+    if ss.get(f"{key}_bounds") != bounds:  # another method's score scale or another run: the filter starts open
+        ss[key], ss[f"{key}_bounds"] = bounds, bounds
 with st.container(border=True):
     c = st.columns([3, 1, 2], vertical_alignment="bottom")
     c[0].text_input("Search text", key="f_text", placeholder="Search text or id (substring, or a regular expression)", label_visibility="collapsed")

@@ -158,6 +158,8 @@ def gist_task_scores(
     n_ckpt, _, k_max = unit.shape
     if not 1 <= rank <= k_max:
         raise ValueError(f"rank must be between 1 and k_max={k_max}, got {rank}")
+    if (coord_norms is None) != (grad_norms is None):
+        raise ValueError("gist-global needs both coord_norms (‖z‖) and grad_norms (‖g‖); give both, or neither for GIST")
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
     total, tasks = None, []
