@@ -10,7 +10,7 @@ import signal
 import sys
 from dataclasses import MISSING, fields
 
-from .config import G2IS_ORIENTATIONS, METHODS, RECIPES, ComputeConfig
+from .config import G2IS_ORIENTATIONS, METHODS, RECIPES, SCORED_METHODS, ComputeConfig
 
 RESUMABLE = ("compute", "demo", "evaluate", "map", "add-target")  # commands whose interruption leaves work that the same command resumes
 
@@ -89,8 +89,9 @@ def _add_run(p: argparse.ArgumentParser, target: bool = True) -> None:
         p.add_argument("--target", default=None, help="the run's target to use (default: its first)")
 
 
-def _add_scoring(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="gist", choices=METHODS)
+def _add_scoring(p: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS) -> None:
+    p.add_argument("--method", default="gist", choices=methods, help="default: gist, as published (see the README for which to prefer)"
+                   + ("; g2is gives a set, not scores" if "g2is" in methods else ""))  # fmt: skip
     p.add_argument("--rank", type=int, default=None, help="subspace rank r of the GIST methods (1..k_max; default k_max)")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random (evaluate's random:N baselines use seeds 0…N-1)")
 
@@ -136,7 +137,7 @@ def _add_curation_commands(sub) -> None:
     """scores, select, combine, edit and compare: everything read from a finished run without the model."""
     p = sub.add_parser("scores", help="write id,score CSV")
     _add_run(p)
-    _add_scoring(p)
+    _add_scoring(p, SCORED_METHODS)
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
 

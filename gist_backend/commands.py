@@ -25,9 +25,9 @@ def cmd_compute(args: argparse.Namespace) -> None:
 
 def start_map(run_dir: Path) -> None:
     """Compute the Map view's UMAP (rank k_max) in a background process, so the first visit to the Map finds it ready."""
-    log = open(Path(run_dir) / "map.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "gist_backend.cli", "map", "--run-dir", str(run_dir)], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    with open(Path(run_dir) / "map.log", "ab") as log:  # the child keeps its own copy of the handle
+        proc = subprocess.Popen([sys.executable, "-m", "gist_backend.cli", "map", "--run-dir", str(run_dir)], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     (Path(run_dir) / "map.pid").write_text(str(proc.pid))
     print(f"computing the Map view's UMAP in the background (pid {proc.pid}; log {Path(run_dir) / 'map.log'})")
 

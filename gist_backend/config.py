@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -16,7 +16,7 @@ from typing import Iterable
 # with each sub-task's direction (as published); gist-global measures the same directions against the whole
 # gradient; LESS scores by cosine of Adam-preconditioned sketches; G2IS returns a set; random is the baseline.
 METHODS = ("gist", "gist-global", "less", "g2is", "random")
-SCORED_METHODS = ("gist", "gist-global", "less", "random")
+SCORED_METHODS = ("gist", "gist-global", "less", "random")  # a score per example (G2IS is a set)
 COMPUTE_METHODS = ("gist", "less", "g2is")  # what a compute can be asked for (GIST always)
 SKETCH_METHODS = ("less", "g2is")  # need the Adam-preconditioned, projected training sketches
 METHOD_LABELS = {"gist": "GIST", "gist-global": "GIST-global", "less": "LESS", "g2is": "G2IS", "random": "Random"}
@@ -185,8 +185,3 @@ def with_recipe(config: ComputeConfig, recipe: str | None) -> ComputeConfig:
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     return replace(config, **RECIPES[recipe])
-
-
-def config_dict(config: ComputeConfig) -> dict:
-    """The config as plain JSON (for manifests)."""
-    return asdict(config)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..methods.g2is import split_budget
 from ..runs.store import open_run
 from .budget import resolve_budget_note
 from .edits import load_edits
@@ -46,15 +47,6 @@ class Part:
         return cls(target, method or "gist", rank_value, value)
 
 
-def _split(count: int, shares: list[float]) -> list[int]:
-    """Largest-remainder split of ``count`` in proportion to ``shares`` (ties to the earlier part)."""
-    quotas = [count * s / sum(shares) for s in shares]
-    parts = [int(q) for q in quotas]
-    for i in sorted(range(len(shares)), key=lambda i: (parts[i] - quotas[i], i))[: count - sum(parts)]:
-        parts[i] += 1
-    return parts
-
-
 def combine(run_dir: str | Path, parts: list[Part], budget: int | float | str, *, mode: str = "quotas", edits: list[dict] | None = None) -> Selection:
     """The combined selection of ``parts`` (see the module docstring); ``edits=None`` reads the run's log."""
     if mode not in MODES:
@@ -73,7 +65,7 @@ def combine(run_dir: str | Path, parts: list[Part], budget: int | float | str, *
     taken, chosen, by_part = set(forced_in), list(forced_in), [0] * len(parts)
     orders = [[int(r) for r in s.rows] for s in own]  # each part's own exclusions are already out of its order
     cursors = [0] * len(parts)
-    goals = _split(max(0, count - len(forced_in)), [p.share for p in parts])
+    goals = split_budget(max(0, count - len(forced_in)), [p.share for p in parts], earlier_first=True)
 
     def take(i: int) -> bool:
         while cursors[i] < len(orders[i]):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..methods.adam import save_adam_state
 from .grads import collate, length_buckets, per_example_loss
-from ..runs.files import read_json, write_json
+from ..runs.files import read_json, tensors_complete, write_json
 
 
 def warmup_indices(n_pool: int, fraction: float, seed: int) -> list[int]:
@@ -40,25 +40,14 @@ def finished_epochs(run_dir: Path, epochs: int) -> int:
         folder = epoch_dir(run_dir, e)
         if not (folder / "state.json").exists():
             break
-        if not all(_complete_safetensors(f) for f in (folder / "adapter" / "adapter_model.safetensors", folder / "optimizer.safetensors")):
+        if not all(tensors_complete(f, {}) for f in (folder / "adapter" / "adapter_model.safetensors", folder / "optimizer.safetensors")):
             break
         done = e
     return done
 
 
-def _complete_safetensors(path: Path) -> bool:
-    """True if ``path`` is a whole safetensors file (header parses and its data covers the file)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy"):
-            return True
-    except Exception:
-        return False
-
-
 def load_optimizer(path: Path, optimizer: torch.optim.Optimizer, named_params: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
-    """Restore state written by ``save_optimizer`` (for resuming a warmup)."""
+    """Restore the optimizer state ``methods.adam.save_adam_state`` wrote (for resuming a warmup)."""
     tensors = load_file(str(path))
     for name, param in named_params:
         if f"{name}.exp_avg" in tensors:

@@ -50,8 +50,11 @@ class G2ISResult:
     #                 fallback_steps, start_from_anchor}
 
 
-def split_budget(budget: int, ratios: list[float]) -> list[int]:
-    """Split `budget` in proportion to `ratios` with largest-remainder rounding; sums exactly to budget."""
+def split_budget(budget: int, ratios: list[float], earlier_first: bool = False) -> list[int]:
+    """Split `budget` in proportion to `ratios` with largest-remainder rounding; sums exactly to budget.
+
+    Equal remainders go to the later part (the authors' rule for G2IS's components), or the earlier with ``earlier_first``.
+    """
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
     total = float(sum(ratios))
@@ -59,7 +62,7 @@ def split_budget(budget: int, ratios: list[float]) -> list[int]:
         raise ValueError(f"ratios must be non-negative with a positive sum, got {ratios}")
     quotas = [budget * r / total for r in ratios]
     parts = [math.floor(q) for q in quotas]
-    order = sorted(range(len(ratios)), key=lambda c: (-(quotas[c] - parts[c]), -c))
+    order = sorted(range(len(ratios)), key=lambda c: (-(quotas[c] - parts[c]), c if earlier_first else -c))
     for c in order[: budget - sum(parts)]:
         parts[c] += 1
     return parts

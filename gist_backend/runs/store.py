@@ -68,12 +68,17 @@ class TargetData:
     less_task_scores: np.ndarray | None = None  # (N, T)
 
 
-def compact_coords(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unit rows in float16, row norms in float32) of (..., k) coordinates; all-zero rows stay zero."""
+def unit_rows(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit rows, row norms), both float32, of (..., k) coordinates (norms summed in float64); all-zero rows stay zero."""
     coords = np.asarray(coords, dtype=np.float32)
     norms = np.sqrt(np.einsum("...k,...k->...", coords.astype(np.float64), coords.astype(np.float64)))
-    unit = coords / np.where(norms > 0, norms, 1.0)[..., None]
-    return unit.astype(np.float16), norms.astype(np.float32)
+    return (coords / np.where(norms > 0, norms, 1.0)[..., None]).astype(np.float32), norms.astype(np.float32)
+
+
+def compact_coords(coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unit rows in float16, row norms in float32): the stored form of GIST coordinates."""
+    unit, norms = unit_rows(coords)
+    return unit.astype(np.float16), norms
 
 
 def write_target(run_dir: Path, manifest: dict, target: TargetData) -> None:
@@ -323,13 +328,12 @@ def _open_v1(run_dir: Path, manifest: dict, target: str | None) -> Run:
     val_coords = _finite(read_npy(run_dir / "val_coords.npy"), run_dir / "val_coords.npy", "coordinates")
     if coords.ndim != 3 or coords.shape[1] != train.height or val_coords.shape != (coords.shape[0], val.height, coords.shape[2]):
         raise RunError(f"{run_dir / 'train_coords.npy'}: shape {coords.shape} does not match {train.height} training rows.")
-    norms = np.sqrt(np.einsum("gnk,gnk->gn", coords.astype(np.float64), coords.astype(np.float64)))
-    unit = (coords / np.where(norms > 0, norms, 1.0)[..., None]).astype(np.float32)
+    unit, norms = unit_rows(coords)  # version 1 stored float32 coordinates: kept at that precision
     weights = _weights(manifest.get("ckpt_weights"), coords.shape[0], run_dir)
     paths = {"geometry": run_dir / "geometry.json", "coupling": run_dir / "coupling.safetensors", "less_scores": run_dir / "less_scores.npy",
              "less_task_scores": run_dir / "less_task_scores.npy", "val_sketch": run_dir / "sketches" / "val.npy",
              "train_sketch": run_dir / "sketches" / "train.npy"}  # fmt: skip
-    return Run(run_dir, manifest, "target", train, val, unit, norms.astype(np.float32), val_coords, weights, None, paths)
+    return Run(run_dir, manifest, "target", train, val, unit, norms, val_coords, weights, None, paths)
 
 
 def describe(run: Run) -> dict:

@@ -88,12 +88,16 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir: Path) -> None:
     set_peft_model_state_dict(model, weights)
 
 
+def _given_adapter(folder: Path, lr: float) -> Checkpoint:
+    """A user's --adapter folder as the one checkpoint, with its optimizer state if saved beside it (LESS needs it)."""
+    optimizer = next((p for p in (folder / "optimizer.safetensors", folder / "optimizer.pt") if p.exists()), None)
+    return Checkpoint("adapter", str(folder), str(optimizer) if optimizer else None, lr)
+
+
 def checkpoints_for(config: ComputeConfig, model, train_ex: list, pad_id: int, run_dir: Path, device, autocast, progress) -> list[Checkpoint]:
     """The adapter states to take gradients at: warmup epochs, the given adapter, or a fresh init."""
     if config.adapter:
-        folder = Path(config.adapter)
-        optimizer = next((p for p in (folder / "optimizer.safetensors", folder / "optimizer.pt") if p.exists()), None)
-        return [Checkpoint("adapter", str(folder), str(optimizer) if optimizer else None, 1.0)]
+        return [_given_adapter(Path(config.adapter), 1.0)]
     if not config.warmup:
         init_dir = run_dir / "warmup" / "init"
         if not tensors_complete(init_dir / "adapter" / "adapter_model.safetensors", {}):
@@ -115,9 +119,7 @@ def stored_checkpoints(run_dir: Path, manifest: dict) -> list[Checkpoint]:
     for entry in manifest.get("checkpoints") or []:
         name = entry["name"]
         if name == "adapter":
-            folder = Path(config["adapter"])
-            optimizer = next((p for p in (folder / "optimizer.safetensors", folder / "optimizer.pt") if p.exists()), None)
-            out.append(Checkpoint(name, str(folder), str(optimizer) if optimizer else None, float(entry.get("lr", 1.0))))
+            out.append(_given_adapter(Path(config["adapter"]), float(entry.get("lr", 1.0))))
         elif name == "init":
             out.append(Checkpoint(name, str(run_dir / "warmup" / "init" / "adapter"), None, 1.0))
         else:

@@ -1,4 +1,4 @@
-"""Stage 1: read and tokenise the pool and the validation files, with run-wide unique ids and a bad-record report."""
+"""Stage 1: read and tokenise the pool and the validation files, with ids unique within each split and a bad-record report."""
 
 from __future__ import annotations
 
