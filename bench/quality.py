@@ -34,7 +34,7 @@ def compute_config(args, files: dict):
     return ComputeConfig(
         model=model, train=[str(files["pool"])], val=[str(files["val"])], target=args.target, max_len=args.max_len,
         warmup_fraction=0.05, warmup_epochs=args.warmup_epochs, warmup_lr=1e-4, warmup_batch=8, k_max=128,
-        methods=args.methods.split(","), less_dim=8192, seed=args.seed, dtype=args.dtype, device=args.device, max_tokens=4096,
+        methods=args.methods.split(","), less_dim=8192, seed=args.seed, dtype=args.dtype, device=args.device, max_tokens=args.max_tokens,
         reusable=True, sketch_dim=16384,  # the target-independent sketch serves bench/add_target.py (fidelity at P ≤ 16384)
     )  # fmt: skip
 
@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-seeds", type=int, default=1, help="fine-tunes per arm (seeds 0..N-1), averaged: N× the fine-tuning cost")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per gradient batch: memory, not results (about 2 GB per 1024 on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--stage", default="all", choices=["compute", "all"])
