@@ -1,4 +1,4 @@
-"""GIST Curator dashboard: `gist-curate serve --run-dir cache/<run>` (or `streamlit run dashboard/app.py -- --run-dir …`)."""
+"""GIST Curator dashboard: start it with `gist-curate serve --run-dir cache/<run>`, which also checks the Host header and the allowed folders."""
 
 from __future__ import annotations
 

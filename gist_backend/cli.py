@@ -123,7 +123,7 @@ def _add_compute_commands(sub, recipe: str | None) -> None:
     p.add_argument("--run-dir", required=True, help="a finished run computed with --reusable")
     p.add_argument("--val", required=True, nargs="+", help="the new target's validation file(s); an optional 'task' field names sub-tasks")
     p.add_argument("--name", required=True, help="the target's name (letters, digits, '.', '_', '-')")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cuda, cpu, … (default: CUDA when available)")
     p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per gradient batch (default: the run's)")
     p.add_argument("--sketch-dim", type=int, default=None,
                    help="use only this many of the run's sketch coordinates: what a run computed with a smaller --sketch-dim would give")
@@ -156,13 +156,14 @@ def _add_curation_commands(sub) -> None:
     p.add_argument("--run-dir", required=True)
     p.add_argument("--part", required=True, action="append", metavar="TARGET[:METHOD[:RANK]][=SHARE]",
                    help="a target's method, rank and share of the budget, e.g. mmlu:gist:32=60%% (repeat for each target)")  # fmt: skip
-    p.add_argument("--budget", required=True, type=_budget)
-    p.add_argument("--mode", choices=["quotas", "round-robin"], default="quotas")
+    p.add_argument("--budget", required=True, type=_budget, help="the whole selection: a count (500) or a fraction of the pool (5%%)")
+    p.add_argument("--mode", choices=["quotas", "round-robin"], default="quotas",
+                   help="quotas: each part fills its share in turn; round-robin: one at a time from the part furthest behind (default quotas)")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--with-meta", action="store_true")
+    p.add_argument("--with-meta", action="store_true", help="add a _gist field (position, method; no score for a combined selection) to every exported record")
 
-    p = sub.add_parser("edit", help="include / exclude / reset ids, or undo the last edit")
+    p = sub.add_parser("edit", help="include / exclude / reset ids, undo the last edit, or list the edits")
     _add_run(p)
     p.add_argument("op", choices=["include", "exclude", "reset", "undo", "list"])
     p.add_argument("ids", nargs="*", help="example ids (or --ids-file)")
@@ -171,8 +172,8 @@ def _add_curation_commands(sub) -> None:
 
     p = sub.add_parser("compare", help="overlap and correlation of methods at one budget (or of targets, --across-targets)")
     _add_run(p)
-    p.add_argument("--budget", required=True, type=_budget)
-    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--budget", required=True, type=_budget, help="a count (500) or a fraction of the pool (5%%)")
+    p.add_argument("--rank", type=int, default=None, help="rank of the GIST methods (default k_max)")
     p.add_argument("--across-targets", action="store_true", help="compare the run's targets (or those given with --targets) with one --method")
     p.add_argument("--targets", default=None, help="comma-separated targets for --across-targets (default: all)")
     p.add_argument("--method", default="gist", choices=METHODS, help="the method of --across-targets")
@@ -199,20 +200,20 @@ def _add_report_commands(sub) -> None:
 
     p = sub.add_parser("info", help="summary of a run: spectrum, coupling, stores, top examples (--json for scripts)")
     _add_run(p)
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--rank", type=int, default=None, help="rank of the top examples shown (default k_max)")
+    p.add_argument("--top", type=int, default=10, help="how many top examples to show (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object (see the README for its keys)")
 
     p = sub.add_parser("demo", help="build the offline demo data, compute a run with SmolLM2-135M, open the dashboard")
-    p.add_argument("--run-dir", default="cache/demo")
+    p.add_argument("--run-dir", default="cache/demo", help="where the demo run goes (default cache/demo)")
     p.add_argument("--no-serve", action="store_true", help="stop after the run instead of opening the dashboard")
-    p.add_argument("--port", type=_port, default=8501)
-    p.add_argument("--pool-size", type=int, default=200, help="demo pool size (about 1 s per example on a 2-core CPU)")
+    p.add_argument("--port", type=_port, default=8501, help="dashboard port (default 8501)")
+    p.add_argument("--pool-size", type=int, default=200, help="demo pool size (default 200; about 1 s per example on a 2-core CPU)")
     p.add_argument("--methods", type=_comma_list, default=["gist", "less", "g2is"])
 
     p = sub.add_parser("serve", help="open the dashboard (127.0.0.1) on a run")
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--port", type=_port, default=8501)
+    p.add_argument("--run-dir", default=None, help="the run to open (default: choose on the Runs page)")
+    p.add_argument("--port", type=_port, default=8501, help="default 8501")
     p.add_argument("--address", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--allow-host", action="append", default=[], help="also accept this Host header (default: loopback names only)")
 
