@@ -34,7 +34,7 @@ from .engine.records import fingerprint, resolve_input
 from .runs.files import RunError, tool_version, utc_now, write_json
 from .runs.lock import run_lock
 from .runs.manifest import FORMAT, FORMAT_VERSION, read_manifest, write_manifest
-from .stages.checkpoints import checkpoints_for, load_adapter_weights, plan
+from .stages.checkpoints import attach_run_adapter, checkpoints_for, load_adapter_weights, plan
 from .stages.merge import merge
 from .stages.passes import pool_pass, validation_done, validation_pass
 from .stages.prepare import prepare, write_bad_records
@@ -170,7 +170,7 @@ def _old_manifest(run_dir: Path) -> dict:
 
 def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, dump_dir: Path | None) -> None:
     """The stages, in order, into ``run_dir`` (process 0 owns the manifest)."""
-    from .engine.model import attach_lora, load_adapter, load_model
+    from .engine.model import load_model
 
     main = proc_rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -225,13 +225,7 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
              n_renamed_ids=len(prepared.renamed))  # fmt: skip
         timed("prepare", t0)
 
-        torch.manual_seed(config.seed)
-        if config.adapter:
-            model = load_adapter(model, config.adapter)
-        else:
-            model = attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                target_modules=config.lora_targets, init_b_nonzero=not config.warmup, seed=config.seed)  # fmt: skip
-        model.to(device)
+        model = attach_run_adapter(config, model, device)
         pad_id = tokenizer.pad_token_id
         t0 = time.perf_counter()
         if main:

@@ -32,7 +32,7 @@ from .runs.files import RunError, read_json, read_npy, read_tensors, tensors_com
 from .runs.lock import run_lock
 from .runs.manifest import check_target_name, read_manifest, write_manifest
 from .runs.store import TargetData, open_run, write_target
-from .stages.checkpoints import Checkpoint, load_adapter_weights, stored_checkpoints
+from .stages.checkpoints import Checkpoint, attach_run_adapter, load_adapter_weights, stored_checkpoints
 from .stages.passes import sketch_rows, validation_gradients, write_geometry
 from .stages.prepare import prepare_targets
 
@@ -142,16 +142,11 @@ def add_target(run_dir: str | Path, val_files: list[str], name: str, *, device: 
 
 def _model(config: ComputeConfig, dev: torch.device):
     """(model with the run's LoRA attached, tokenizer), loaded once, on ``dev``, in the run's dtype."""
-    from .engine.model import attach_lora, load_adapter, load_model
+    from .engine.model import load_model
 
     weight_dtype, _ = resolve_dtypes(config.dtype, dev)
     model, tokenizer = load_model(config.model, dtype=weight_dtype, device=str(dev), cache_dir=Path(config.model_cache_dir) if config.model_cache_dir else None)
-    if config.adapter:
-        model = load_adapter(model, config.adapter)
-    else:
-        model = attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_targets,
-                            init_b_nonzero=not config.warmup, seed=config.seed)  # fmt: skip
-    return model.to(dev), tokenizer
+    return attach_run_adapter(config, model, dev), tokenizer
 
 
 def _work_folder(work: Path, inputs: dict) -> Path:

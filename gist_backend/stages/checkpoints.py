@@ -88,6 +88,19 @@ def load_adapter_weights(model: torch.nn.Module, adapter_dir: Path) -> None:
     set_peft_model_state_dict(model, weights)
 
 
+def attach_run_adapter(config: ComputeConfig, model, device: torch.device):
+    """The model with the run's LoRA on ``device``: the user's --adapter, or a new one (seeded; B nonzero without a warmup)."""
+    from ..engine.model import attach_lora, load_adapter
+
+    if config.adapter:
+        model = load_adapter(model, config.adapter)
+    else:
+        torch.manual_seed(config.seed)
+        model = attach_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout, target_modules=config.lora_targets,
+                            init_b_nonzero=not config.warmup, seed=config.seed)  # fmt: skip
+    return model.to(device)
+
+
 def _given_adapter(folder: Path, lr: float) -> Checkpoint:
     """A user's --adapter folder as the one checkpoint, with its optimizer state if saved beside it (LESS needs it)."""
     optimizer = next((p for p in (folder / "optimizer.safetensors", folder / "optimizer.pt") if p.exists()), None)
