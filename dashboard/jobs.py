@@ -61,6 +61,9 @@ def new_run_dir(root: str | Path, model: str, name: str = "") -> Path:
 def launch(kind: str, argv: list[str], run_dir: str | Path) -> int:
     """Start `gist-curate <kind> … --run-dir D` in its own session (it outlives this server); returns its pid."""
     run_dir = Path(run_dir)
+    running = job_status(run_dir, kind)
+    if running.state == "running":  # a second one would fail on the run's lock, and its files would hide the first one's progress
+        raise ValueError(f"a {kind} job (pid {running.pid}) is still running on {run_dir}; wait for it to finish or cancel it first")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"{kind}.cancel").unlink(missing_ok=True)
     progress = run_dir / KINDS[kind]
@@ -74,14 +77,14 @@ def launch(kind: str, argv: list[str], run_dir: str | Path) -> int:
     return proc.pid
 
 
-def _is_job_process(pid: int, kind: str) -> bool:
-    """True when ``pid`` is alive and is a gist-curate job of this kind (not a recycled pid)."""
+def _is_job_process(pid: int, kind: str, run_dir: Path) -> bool:
+    """True when ``pid`` is alive and is a gist-curate job of this kind on ``run_dir`` (not a recycled pid)."""
     proc = _CHILDREN.get(pid)
     if proc is not None:
         proc.poll()
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        args = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
     except OSError:
         try:
             os.kill(pid, 0)
@@ -90,8 +93,15 @@ def _is_job_process(pid: int, kind: str) -> bool:
         return True  # no /proc (macOS): trust the pid file
     if stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X"):
         return False
-    # An empty command line means the child is still exec-ing (just launched): it is ours.
-    return not cmdline.strip() or ("gist_backend.cli" in cmdline and f" {kind} " in f" {cmdline} ")
+    if not args:  # still exec-ing (just launched): it is ours
+        return True
+    if "gist_backend.cli" not in args or kind not in args or "--run-dir" not in args[:-1]:
+        return False
+    given = args[max(i for i, a in enumerate(args[:-1]) if a == "--run-dir") + 1]  # the last one, relative to the process's folder
+    try:
+        return (Path(os.readlink(f"/proc/{pid}/cwd")) / given).resolve() == Path(run_dir).resolve()
+    except OSError:
+        return False
 
 
 def read_pid(run_dir: str | Path, kind: str = "compute") -> int | None:
@@ -145,7 +155,7 @@ def job_status(run_dir: str | Path, kind: str = "compute") -> JobStatus:
     """Status of a job from its files and whether its process is alive."""
     run_dir = Path(run_dir)
     pid = read_pid(run_dir, kind)
-    alive = pid is not None and _is_job_process(pid, kind)
+    alive = pid is not None and _is_job_process(pid, kind, run_dir)
     progress = _read_json(run_dir / KINDS[kind])
     final = _read_json(run_dir / "manifest.json") if kind == "compute" else progress
     status, error = final.get("status"), final.get("error")
@@ -172,7 +182,7 @@ def jobs(root: str | Path, kind: str = "compute") -> list[JobStatus]:
 def cancel(run_dir: str | Path, kind: str = "compute") -> bool:
     """Ask the run's job to stop (SIGTERM to its process group); True if one was running."""
     pid = read_pid(run_dir, kind)
-    if pid is None or not _is_job_process(pid, kind):
+    if pid is None or not _is_job_process(pid, kind, Path(run_dir)):
         return False
     try:
         os.killpg(pid, signal.SIGTERM)

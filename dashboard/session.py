@@ -28,7 +28,7 @@ EDIT_SCOPE = "edit_only_target"  # True: new curation edits apply to the open ta
 # Widget keys whose values must survive visiting a page that does not draw them.
 PERSISTENT = (RUNS_ROOT, TARGET, EDIT_SCOPE, RANK, METHOD, BUDGET_MODE, BUDGET_COUNT, BUDGET_PCT, "cap_on", "cap_mode", "cap_count", "cap_pct",
               "f_text", "f_regex", "f_sources", "f_tasks", "f_state", "f_score", "f_length", "f_map",
-              "map_colour", "page_size", "compare_x", "compare_y", "detail_tab")  # fmt: skip
+              "map_colour", "page_size", "compare_x", "compare_y", "detail_tab", "eval_test")  # fmt: skip
 # Defaults of persistent widgets, set once per session (widgets then take no value/default argument).
 WIDGET_DEFAULTS = {"map_colour": "score", "cap_on": False, "cap_mode": "% of budget", "cap_count": 100, "cap_pct": 50.0,
                    "f_text": "", "f_regex": False, "f_state": "all", "f_sources": [], "f_tasks": [], "page_size": 100,
@@ -69,11 +69,14 @@ def _read_query() -> None:
             ss[key] = int(query[name]) if key == RANK and query[name].isdigit() else query[name]
     if key := query.get("budget"):
         try:
-            if key.endswith("%"):
-                ss[BUDGET_MODE], ss[BUDGET_PCT] = "%", float(key[:-1])
+            value = float(key.removesuffix("%"))
+            if value != value:  # NaN
+                raise ValueError
+            if key.endswith("%"):  # clamped to the widgets' ranges (Streamlit would put an outside value at the minimum)
+                ss[BUDGET_MODE], ss[BUDGET_PCT] = "%", min(max(value, 0.1), 100.0)
             else:
-                ss[BUDGET_MODE], ss[BUDGET_COUNT] = "count", int(key)
-        except ValueError:
+                ss[BUDGET_MODE], ss[BUDGET_COUNT] = "count", max(int(value), 1)
+        except (ValueError, OverflowError):
             pass
     if RANK in ss and not isinstance(ss[RANK], int):
         del ss[RANK]

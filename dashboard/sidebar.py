@@ -20,7 +20,7 @@ def render_sidebar() -> Run | None:
         if run is None:
             st.info("No run open. Open one on the **Runs** page.", icon=":material/info:")
             return None
-        session.sync_rank(run.k_max, backend.run_key(run))
+        session.sync_rank(run.k_max, f"{run.path}@{run.target}")  # not the run key: a rewritten manifest must not reset the rank
         st.markdown(f"**Run** {session.code(run.path.name)}")
         if len(run.targets) > 1:
             ss = st.session_state
@@ -75,7 +75,10 @@ def _edit_history(run: Run) -> None:
         st.caption(f":red[Edits unreadable: {session.escape(err)}]")
         return
     st.divider()
-    st.caption(f"Curation edits: **{len(edits)}**" + (f" · last: {edits[-1]['op']} {len(edits[-1]['ids']):,} ids" if edits else ""))
+    last = edits[-1] if edits else None
+    scope = f" (target {session.escape(last['target'])} only)" if last and last.get("target") else (" (every target)" if len(run.targets) > 1 else "")
+    st.caption(f"Curation edits: **{len(edits)}**" + (f" · last: {last['op']} {len(last['ids']):,} ids{scope}" if last else ""),
+               help="Undo removes the last edit of the run's log, whichever target it was made for.")  # fmt: skip
     if len(run.targets) > 1:
         st.toggle(f"New edits for {run.target} only", key=session.EDIT_SCOPE,
                   help="Off: an include or exclude applies to every target of the run. On: only to the open target.")  # fmt: skip

@@ -166,6 +166,26 @@ def test_rank_slider_changes_top_order_as_backend(run_dir: Path, monkeypatch: py
     assert at.metric[0].value == str(run.k_max)  # the slider is shared by every view
 
 
+def test_rank_survives_a_rewritten_manifest_and_the_url_budget_is_clamped(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = run_dir
+    at = app(run, monkeypatch, "examples")
+    at.sidebar.slider(key="rank").set_value(2).run()
+    manifest = run / "manifest.json"  # another process (add-target, say) rewrites the manifest
+    os.utime(manifest, (manifest.stat().st_atime, manifest.stat().st_mtime + 5))
+    at.run()
+    assert_clean(at)
+    assert at.sidebar.slider(key="rank").value == 2
+    for given, mode, key, expected in (("150%", "%", "budget_pct", 100.0), ("-3%", "%", "budget_pct", 0.1), ("7.0", "count", "budget_count", 7),
+                                       ("nan%", "%", "budget_pct", 5.0)):  # fmt: skip
+        monkeypatch.setattr(sys, "argv", ["app.py"])
+        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+        at.session_state["run_dir"] = str(run)
+        at.query_params["budget"] = given
+        at.run()
+        assert_clean(at)
+        assert at.session_state["budget_mode"] == mode and at.session_state[key] == expected, given
+
+
 # ---------------------------------------------------------------- filters
 
 
@@ -285,6 +305,16 @@ def select_region(at: AppTest, region: dict) -> None:
     assert_clean(at)
 
 
+def test_map_coloured_by_selection_state_survives_more_includes_than_the_budget(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gist_backend.curation.edits import add_edit
+
+    add_edit(run_dir, "include", open_run(run_dir).train["id"][:30].to_list(), "api")  # the budget is 5 % = 12
+    at = app(run_dir, monkeypatch, "map")
+    wait_for_map(at)
+    at.segmented_control(key="map_colour").set_value("selection state").run()
+    assert not at.exception and at.get("plotly_chart") and any("force-included but the budget" in plain(e.value) for e in at.error)
+
+
 def test_map_region_lists_ranked_examples_and_edits(run_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from gist_backend.curation.edits import load_edits
 
@@ -355,7 +385,8 @@ def _fake_map_job(run_dir: Path):
     """A process that looks like `gist-curate map` (as compute starts it), with its pid file and progress."""
     import subprocess
 
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "gist_backend.cli", "map"], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "gist_backend.cli", "map", "--run-dir", str(run_dir)],
+                            start_new_session=True)  # fmt: skip
     (run_dir / "map.pid").write_text(str(proc.pid))
     (run_dir / "maps").mkdir(exist_ok=True)
     (run_dir / "maps" / "progress.json").write_text(json.dumps({"stage": "UMAP map", "done": 0, "total": 1, "updated": time.time() - 65}))
@@ -479,9 +510,16 @@ def test_compute_form_validation_and_job_lifecycle(run_dir: Path, monkeypatch: p
 
     fake = tmp_path / "runs" / "slow"
     fake.mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "gist_backend.cli", "compute"], start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "gist_backend.cli", "compute", "--run-dir", "slow"],
+                            start_new_session=True, cwd=fake.parent)  # fmt: skip
     (fake / "compute.pid").write_text(str(proc.pid))
     assert jobs.job_status(fake).state == "running"
+    other = tmp_path / "runs" / "other"  # a pid file naming a job of another run (a copied folder, a recycled pid) is not this run's job
+    other.mkdir()
+    (other / "compute.pid").write_text(str(proc.pid))
+    assert jobs.job_status(other).state == "stopped" and not jobs.cancel(other)
+    with pytest.raises(ValueError, match="still running"):  # a second job of one kind on one run would only fail on its lock
+        jobs.launch("compute", config.to_argv(), fake)
     assert jobs.cancel(fake)
     proc.wait(timeout=10)
     assert jobs.job_status(fake).state == "cancelled"
@@ -742,5 +780,15 @@ def test_add_target_switch_compare_and_combine(tiny_llama, monkeypatch: pytest.M
     at.switch_page("views/evaluate.py").run()
     assert_clean(at)
     assert at.text_input(key="eval_test").value == str(Path(val).parent / "test.jsonl")
+    at.switch_page("views/spectrum.py").run()
+    at.switch_page("views/evaluate.py").run()
+    assert at.text_input(key="eval_test").value == str(Path(val).parent / "test.jsonl")  # still there after a visit elsewhere
     at.sidebar.selectbox(key="target").set_value("animals").run()
+    from gist_backend.curation.edits import add_edit, undo
+
+    add_edit(run_dir, "exclude", [open_run(run_dir).train["id"][0]], "api", target="val")
+    at.run()
+    assert any("last: exclude 1 ids (target val only)" in c.value for c in at.sidebar.caption)  # undo would remove another target's edit: said
+    undo(run_dir)
+    at.run()
     assert not at.text_input(key="eval_test").value and any("No evaluation for target" in i.value for i in at.info)

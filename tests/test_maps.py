@@ -100,9 +100,13 @@ def test_compute_starts_the_map_in_the_background(tiny_llama, toy_data, tmp_path
     monkeypatch.setenv("GIST_MAP_AFTER_COMPUTE", "1")
     pool, val = toy_data
     run_dir = tmp_path / "run"
-    cli_main(["compute", "--model", str(tiny_llama), "--train", str(pool), "--val", str(val), "--run-dir", str(run_dir), "--k-max", "6",
+    monkeypatch.chdir(tmp_path)  # a relative --run-dir, as users type it
+    cli_main(["compute", "--model", str(tiny_llama), "--train", str(pool), "--val", str(val), "--run-dir", "run", "--k-max", "6",
               "--warmup-epochs", "1", "--warmup-fraction", "0.2", "--warmup-batch", "4", "--max-len", "64"])  # fmt: skip
     assert (run_dir / "map.pid").exists()
+    from dashboard import jobs
+
+    assert jobs.job_status(run_dir, "map").state in ("running", "complete")  # the dashboard knows the job by its absolute folder
     deadline = time.time() + 300
     while (json.loads((run_dir / "maps" / "progress.json").read_text()).get("status") if (run_dir / "maps" / "progress.json").exists() else None) is None:
         assert time.time() < deadline, (run_dir / "map.log").read_text()[-2000:]

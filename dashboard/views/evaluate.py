@@ -15,9 +15,9 @@ esc = session.escape
 ui.header("Evaluate", f"Does the selection ({ui.settings_line(run)}) help the target more than random examples do? "
           "Each arm is fine-tuned on its examples and scored on held-out questions.")  # fmt: skip
 recipe = backend.eval_recipe(run)
-if st.session_state.get("eval_test_target") != run.target:  # first visit, or the target changed: offer that target's test file
+if st.session_state.get("eval_test_target") != f"{run.path}@{run.target}":  # first visit, another run or target: offer its test file
     st.session_state["eval_test"] = backend.suggested_test_file(run)
-    st.session_state["eval_test_target"] = run.target
+    st.session_state["eval_test_target"] = f"{run.path}@{run.target}"
 
 with st.form("evaluate", border=True):
     c = st.columns([4, 1, 1, 1, 1], vertical_alignment="bottom")
@@ -49,6 +49,10 @@ if start:
 def job_panel() -> None:
     """The running or last evaluation of this run (refreshed every 2 s while it runs)."""
     job = jobs.job_status(run.path, "evaluate")
+    was_running = st.session_state.get("eval_running") == str(run.path)
+    st.session_state["eval_running"] = str(run.path) if job.state == "running" else None
+    if was_running and job.state != "running":  # it just ended: redraw the whole page so its result joins the past evaluations
+        st.rerun(scope="app")
     if job.pid is None and not job.progress:
         return
     with st.container(border=True):

@@ -82,7 +82,7 @@ cols[1].metric("Mean score", "—" if mean_score is None else f"{mean_score:.3f}
                help="G2IS returns a set without scores." if sel.scores is None else f"{session.METHOD_LABELS[sel.method]} score of the selected examples.")  # fmt: skip
 cols[2].metric("Forced in / out by edits", f"{info['forced_in']:,} / {info['forced_out']:,}")
 cols[3].metric("Skipped by source caps", f"{sum(info.get('capped', {}).values()):,}",
-               help=", ".join(f"{k}: {v}" for k, v in info.get("capped", {}).items()) or "No source reached its cap.")  # fmt: skip
+               help=", ".join(f"{session.escape(k)}: {v}" for k, v in info.get("capped", {}).items()) or "No source reached its cap.")  # fmt: skip
 cols[4].metric("G2IS shortfall", f"{sel.shortfall:,}", help="Picks G2IS's walk could not make under its rules; reported, never filled.")
 
 left, right = st.columns(2)
@@ -128,5 +128,6 @@ with c[1].form("write_path", border=False):
         except (OSError, ValueError) as err:
             session.show_error(err, "Export failed")
         else:
-            st.success(f"Wrote {len(sel.ids):,} records to `{session.escape(target)}` (manifest `{session.escape(manifest)}`).",
+            written = str(manifest).removesuffix(".manifest.json")
+            st.success(f"Wrote {len(sel.ids):,} records to {session.code(written)} (manifest {session.code(Path(manifest).name)}).",
                        icon=":material/check_circle:")  # fmt: skip

@@ -68,7 +68,13 @@ def map_panel(map_rank: int, xy: dict) -> None:
     left, right = st.columns([3, 2], gap="medium")
     with left:
         colour = st.segmented_control("Colour by", COLOURS, key="map_colour", required=True) or COLOURS[0]
-        fig, figure = mapjobs.map_figure(run, map_rank, xy, colour), mapjobs.figure_key(run, map_rank, colour)
+        try:
+            fig = mapjobs.map_figure(run, map_rank, xy, colour)
+        except ValueError as err:  # no selection to colour by (e.g. more forced includes than the budget): colour by score
+            session.show_error(err, "No selection at these settings")
+            colour = COLOURS[0]
+            fig = mapjobs.map_figure(run, map_rank, xy, colour)
+        figure = mapjobs.figure_key(run, map_rank, colour)
         event = st.plotly_chart(fig, key="map_chart", on_select="rerun", selection_mode=("box", "lasso"),
                                 config={"displaylogo": False, "modeBarButtonsToRemove": ["toImage"]})  # fmt: skip
         method = backend.score_method(backend.method(run))

@@ -152,7 +152,7 @@ with left:
             chosen = runs[rows[0]]
             if chosen.get("status") != "complete":
                 st.warning(f"{session.code(chosen['id'])} is {esc(chosen.get('status'))}; it can be opened once it is complete.")
-            elif st.button(f"Open {chosen['id']}", type="primary", icon=":material/open_in_new:"):
+            elif st.button(f"Open {esc(chosen['id'])}", type="primary", icon=":material/open_in_new:"):
                 _open(chosen["path"])
     else:
         st.info(f"No runs under {session.code(root)} yet. Start one below, or open a run folder by path.")
@@ -188,9 +188,19 @@ if config is not None:
 
 
 # ---------------------------------------------------------------- background jobs
+def _allowed_root() -> Path | None:
+    """The runs folder typed above, if it is an allowed folder that exists (jobs are shown only from there)."""
+    try:
+        root = resolve_allowed(st.session_state.get(session.RUNS_ROOT, "cache"))
+    except (PermissionError, OSError, ValueError):
+        return None
+    return root if root.is_dir() else None
+
+
 def job_panel() -> None:
     """Live status of computations started from the dashboard (a fragment refreshed every 2 s while one runs)."""
-    found = jobs.jobs(st.session_state.get(session.RUNS_ROOT, "cache"))
+    root = _allowed_root()
+    found = jobs.jobs(root) if root is not None else []
     if not found:
         return
     st.subheader("Background computations", anchor=False)
@@ -219,6 +229,6 @@ def job_panel() -> None:
                 st.code(jobs.log_tail(job.run_dir) or "(empty)", language=None)
 
 
-_root = st.session_state.get(session.RUNS_ROOT, "cache")
-_live = any(j.state == "running" for j in jobs.jobs(_root)) if Path(_root).is_dir() else False
+_root = _allowed_root()
+_live = _root is not None and any(j.state == "running" for j in jobs.jobs(_root))
 st.fragment(job_panel, run_every=2 if _live else None)()
