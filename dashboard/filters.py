@@ -106,6 +106,17 @@ def ranked_rows(order: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return order[mask[order]]
 
 
+def table_key(settings: tuple, view: np.ndarray) -> str:
+    """Widget key of the ranked table: new whenever the settings or the rows shown change.
+
+    Streamlit keeps a keyed table's row selection by position, so a key that outlived a change of rows (an
+    edit, another target) would re-apply the picked position to another example.
+    """
+    import hashlib
+
+    return "tbl_" + hashlib.sha1(repr(settings).encode() + np.asarray(view, dtype=np.int64).tobytes()).hexdigest()[:10]
+
+
 def ranked_table(
     train: pl.DataFrame,
     texts: pl.Series,

@@ -568,6 +568,17 @@ def test_map_figure_points_and_raster() -> None:
     assert figure_bytes(map_figure(big, "source", rng.integers(0, 5, 270_000), categories=list("abcde"))) < 500_000
 
 
+def test_table_key_follows_the_rows_shown() -> None:
+    """An edit that swaps the rows on a page keeps the row count: the key (and so the picked row) must still change."""
+    from dashboard.filters import ExampleFilter, table_key
+
+    settings = (ExampleFilter(state="not selected"), 4, "gist", 1, 100, "run@val@1")
+    before, after = np.array([3, 7, 9]), np.array([3, 9, 11])
+    assert table_key(settings, before) == table_key(settings, before.copy())
+    assert table_key(settings, before) != table_key(settings, after)
+    assert table_key(settings, before) != table_key((*settings[:-1], "run@other@1"), before)
+
+
 def test_points_in_region_matches_brute_force() -> None:
     from dashboard.filters import points_in_region, region_mask
 

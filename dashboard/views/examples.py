@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import streamlit as st
 
@@ -102,9 +100,7 @@ def table_and_detail() -> None:
         view = rows[start : start + size]
         p[2].caption(f"Ranks {start + 1:,}–{start + len(view):,} of the {len(rows):,} matching")
         table = filters.ranked_table(run.train, run.text, view, positions, scores, tasks, selected, edit_state)
-        # a new key whenever the rows shown change (an edit, a rank, a target): a kept key would re-apply the picked row number to other data
-        shown = repr((flt, session.rank(), method, page, size, backend.run_key(run))).encode() + np.asarray(view, dtype=np.int64).tobytes()
-        table_key = "tbl_" + hashlib.sha1(shown).hexdigest()[:10]
+        table_key = filters.table_key((flt, session.rank(), method, page, size, backend.run_key(run)), view)
         event = st.dataframe(
             table,
             key=table_key,
