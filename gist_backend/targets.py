@@ -119,11 +119,12 @@ def add_target(run_dir: str | Path, val_files: list[str], name: str, *, device: 
         by_name = {c.name: i for i, c in enumerate(checkpoints)}
         gist = [by_name[n] for n in run.manifest["gist"]["checkpoints"]]
         less = [by_name[n] for n in (run.manifest.get("less") or {}).get("checkpoints", [])]
+        autocast = resolve_dtypes(config.dtype, dev)[1]
         for c in sorted(set(gist) | set(less)):
             if not tensors_complete(work / f"ckpt-{c}.safetensors", {}):  # finished checkpoints of an interrupted add-target are kept
                 load_adapter_weights(model, Path(checkpoints[c].adapter))
                 _validation(config, model, examples, tokenizer.pad_token_id, work / f"ckpt-{c}.safetensors", gist=c in gist, less=c in less,
-                            device=dev, autocast=resolve_dtypes(config.dtype, dev)[1], reusable=reusable, progress=progress,
+                            device=dev, autocast=autocast, reusable=reusable, progress=progress,
                             name=checkpoints[c].name)  # fmt: skip
         del model
         columns = subsample_columns(int(reusable["dim"]), int(sketch_dim), int(reusable.get("seed", config.seed))) if sketch_dim else None
