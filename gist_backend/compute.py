@@ -175,19 +175,9 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
     main = proc_rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     fingerprints = input_fingerprints(config)
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "created": utc_now(), "timings": {}}
-    if (run_dir / "manifest.json").exists():
-        existing = read_manifest(run_dir)
-        if main:
-            check_same_inputs(existing, config, fingerprints, run_dir)
-            manifest = existing
-        if existing.get("status") == "complete" and dump_dir is None:
-            if main:
-                print(f"{run_dir}: already complete")
-                if config.reusable and not existing.get("reusable"):
-                    print("warning: it was computed without --reusable, so it has no pool sketch for add-target; "
-                          "recompute with --overwrite --reusable to add one")  # fmt: skip
-            return
+    manifest = _resumed_manifest(config, run_dir, fingerprints, main, dump=dump_dir is not None)
+    if manifest is None:
+        return
     progress = Progress(run_dir, enabled=main)
     timings = manifest.setdefault("timings", {})
 
@@ -248,17 +238,8 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
                                proc_rank=proc_rank, world=world, timed=timed)  # fmt: skip
         barrier(world)
         if main:
-            t0 = time.perf_counter()
             progress("merging", 0, 1, force=True)
-            manifest["reusable"] = {"dim": pool_sketch_dim(config.sketch_dim, d), "seed": config.seed} if config.reusable else None
-            merge(run_dir, manifest, prepared, checkpoints, chosen, target, config.val, fingerprints["val"], config.shard_size)
-            manifest["warnings"] = degenerate_subspace_warnings(len(prepared.val), config.k_max, manifest["k_max"])
-            timings["merge"] = round(time.perf_counter() - t0, 3)
-            write_manifest(run_dir / "manifest.json", manifest)
-            for c in chosen.passes:  # merged into the run's arrays: only resuming needed them
-                shutil.rmtree(run_dir / f"ckpt-{c}" / "pool", ignore_errors=True)
-            for warning in manifest["warnings"]:
-                print(f"warning: {warning}")
+            _merge_and_finish(config, run_dir, manifest, prepared, checkpoints, chosen, target, d, fingerprints["val"])
             progress("complete", 1, 1, force=True)
     except KeyboardInterrupt:
         save(status="cancelled", error="cancelled by the user; re-run the same command to resume")
@@ -266,6 +247,40 @@ def _compute(config: ComputeConfig, run_dir: Path, proc_rank: int, world: int, d
     except Exception as err:
         save(status="failed", error=f"{type(err).__name__}: {err}")
         raise
+
+
+def _resumed_manifest(config: ComputeConfig, run_dir: Path, fingerprints: dict, main: bool, *, dump: bool) -> dict | None:
+    """The manifest to continue from: a fresh one, the folder's own (same inputs, checked), or None when it is complete."""
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "created": utc_now(), "timings": {}}
+    if not (run_dir / "manifest.json").exists():
+        return manifest
+    existing = read_manifest(run_dir)
+    if main:
+        check_same_inputs(existing, config, fingerprints, run_dir)
+        manifest = existing
+    if existing.get("status") == "complete" and not dump:
+        if main:
+            print(f"{run_dir}: already complete")
+            if config.reusable and not existing.get("reusable"):
+                print("warning: it was computed without --reusable, so it has no pool sketch for add-target; "
+                      "recompute with --overwrite --reusable to add one")  # fmt: skip
+        return None
+    return manifest
+
+
+def _merge_and_finish(config: ComputeConfig, run_dir: Path, manifest: dict, prepared, checkpoints, chosen, target: str, d: int,
+                      val_fingerprints) -> None:
+    """Merge the passes into the run's arrays, mark the run complete, and drop the per-pass shards (process 0 only)."""
+    t0 = time.perf_counter()
+    manifest["reusable"] = {"dim": pool_sketch_dim(config.sketch_dim, d), "seed": config.seed} if config.reusable else None
+    merge(run_dir, manifest, prepared, checkpoints, chosen, target, config.val, val_fingerprints, config.shard_size)
+    manifest["warnings"] = degenerate_subspace_warnings(len(prepared.val), config.k_max, manifest["k_max"])
+    manifest.setdefault("timings", {})["merge"] = round(time.perf_counter() - t0, 3)
+    write_manifest(run_dir / "manifest.json", manifest)
+    for c in chosen.passes:  # merged into the run's arrays: only resuming needed them
+        shutil.rmtree(run_dir / f"ckpt-{c}" / "pool", ignore_errors=True)
+    for warning in manifest["warnings"]:
+        print(f"warning: {warning}")
 
 
 def _checkpoint_passes(config, model, prepared, pad_id: int, checkpoint, ckpt_dir: Path, target: str, gist: bool, sketch: bool, *, last: bool,
