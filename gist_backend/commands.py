@@ -162,8 +162,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .runs.store import open_run
 
     run = open_run(args.run_dir, args.target)
+    own_inputs = [p for p in (args.test, args.selection) if p]
     if args.json:
-        check_output(run, args.json, force=args.force, sidecar=False)  # before hours of fine-tuning, not after
+        check_output(run, args.json, force=args.force, sidecar=False, also_inputs=own_inputs)  # before hours of fine-tuning, not after
     if args.selection:
         if args.budget is not None or args.rank is not None or args.method != "gist" or args.per_source_cap is not None:
             raise ValueError("give either --selection FILE.jsonl or --method/--rank/--budget/--per-source-cap, not both")
@@ -188,7 +189,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         from .runs.files import write_json
 
-        write_json(check_output(run, args.json, force=True, sidecar=False), result)
+        write_json(check_output(run, args.json, force=True, sidecar=False, also_inputs=own_inputs), result)
 
 
 def _print_unfinished(run_dir: Path) -> bool:

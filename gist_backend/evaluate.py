@@ -206,7 +206,7 @@ class _Arms:
         if path.exists():
             try:
                 cached = read_json(path)
-                if cached.get("checksum") == manifest_checksum(cached) and cached.get("ids") == ids:
+                if isinstance(cached, dict) and cached.get("checksum") == manifest_checksum(cached) and cached.get("ids") == ids:
                     self.reused += 1
                     return {**cached, "name": name, "kind": kind}
             except RunError:

@@ -179,3 +179,38 @@ def test_suggested_test_file_is_the_last_one_used_or_the_one_beside_the_validati
     assert ev.suggested_test_file(run) is None
     (tmp_path / "test.jsonl").write_text("{}\n")  # the demo's layout: pool.jsonl, val.jsonl, test.jsonl side by side
     assert ev.suggested_test_file(run) == tmp_path / "test.jsonl"
+
+
+def test_damaged_arm_cache_entries_are_recomputed_to_the_same_result(evaluated):
+    from gist_backend.evaluate import EvalRecipe, evaluate
+
+    run_dir, test, _ = evaluated
+    run = open_run(run_dir)
+    selection = select(run, method="gist", rank=4, budget=10)
+    recipe = EvalRecipe.from_run(run, epochs=1, lr=2e-3)  # a recipe of its own: its arms are cached by this test only
+    before = set((run_dir / "evals" / "arms").glob("*.json"))
+    first = evaluate(run, test, selection, baselines=1, recipe=recipe)
+    entries = sorted(set((run_dir / "evals" / "arms").glob("*.json")) - before)
+    assert first["runs_computed"] == 3 and len(entries) == 3
+    not_an_object, edited, truncated = entries
+    not_an_object.write_text("[]")
+    doctored = json.loads(edited.read_text())
+    doctored["loss"] = [0.0 for _ in doctored["loss"]]  # a better loss, not re-signed
+    edited.write_text(json.dumps(doctored))
+    truncated.write_bytes(truncated.read_bytes()[: len(truncated.read_bytes()) // 2])
+    again = evaluate(run, test, selection, baselines=1, recipe=recipe)
+    assert (again["runs_computed"], again["runs_reused"]) == (3, 0)
+    losses = lambda r: {a["name"]: a["test_loss"] for a in r["arms"]}  # noqa: E731
+    assert losses(again) == pytest.approx(losses(first), abs=1e-6)
+    assert evaluate(run, test, selection, baselines=1, recipe=recipe)["runs_reused"] == 3  # the rewritten entries serve again
+
+
+def test_evaluate_json_never_replaces_its_own_test_or_selection_file(evaluated, capsys):
+    run_dir, test, root = evaluated
+    cli_main(["select", "--run-dir", str(run_dir), "--budget", "6", "--out", str(root / "own-sel.jsonl")])
+    before = {p: p.read_bytes() for p in (test, root / "own-sel.jsonl")}
+    for args in (["--budget", "6", "--json", str(test)], ["--selection", str(root / "own-sel.jsonl"), "--json", str(root / "own-sel.jsonl")]):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), *args, "--baselines", "random:1", "--force"])
+        assert exit_.value.code == 2 and "refusing to write" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before

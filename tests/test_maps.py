@@ -38,6 +38,23 @@ def test_low_ranks_are_the_coordinates(run, monkeypatch):
     assert (run.path / "maps" / "umap-synthetic-r1.safetensors").exists()
 
 
+def test_a_cached_map_of_the_wrong_shape_or_with_nan_is_never_served(run, monkeypatch):
+    from safetensors import safe_open
+
+    from gist_backend.runs.files import write_tensors
+
+    good = umap_map(run, 2)
+    path = run.path / "maps" / "umap-synthetic-r2.safetensors"
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()  # the right parameters: only the arrays are wrong
+    for name, bad in (("train_xy", good["train_xy"][:5]), ("centroid_xy", good["centroid_xy"][:1]), ("val_xy", np.full_like(good["val_xy"], np.nan))):
+        write_tensors(path, {**good, name: np.ascontiguousarray(bad)}, metadata=metadata)
+        assert maps.cached_map(run, 2) is None, name  # map rows become edits: a short map would exclude the wrong examples
+        rebuilt = umap_map(run, 2)
+        for k in maps.MAP_KEYS:
+            np.testing.assert_array_equal(rebuilt[k], good[k])
+
+
 @pytest.mark.slow  # UMAP's numba JIT costs ~12 s of CPU in a fresh process, whatever the data size
 def test_umap_shapes_and_cache(run, monkeypatch):
     path = run.path / "maps" / "umap-synthetic-r6.safetensors"

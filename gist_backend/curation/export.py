@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +53,11 @@ def _run_folder_of(path: Path) -> Path | None:
     return None
 
 
-def check_output(run: Run, out: str | Path, *, force: bool = False, sidecar: bool = True) -> Path:
+def check_output(run: Run, out: str | Path, *, force: bool = False, sidecar: bool = True, also_inputs: Sequence[str | Path] = ()) -> Path:
     """The resolved file to write an export to, or ValueError saying why writing there could destroy data.
 
-    With ``sidecar`` the ``<out>.manifest.json`` written beside it is checked the same way.
+    With ``sidecar`` the ``<out>.manifest.json`` written beside it is checked the same way; ``also_inputs`` are
+    the command's own input files (a test set, a selection), refused like the run's.
     """
     if not str(out).strip():
         raise ValueError("the output path is empty; give a file name such as selected.jsonl")
@@ -64,7 +66,7 @@ def check_output(run: Run, out: str | Path, *, force: bool = False, sidecar: boo
     if resolved.is_dir():
         raise ValueError(f"{out} is a folder; give a file name inside it, e.g. {Path(out) / 'selected.jsonl'}")
     for path in paths:
-        for source in input_paths(run):
+        for source in [*input_paths(run), *(Path(p).expanduser().resolve() for p in also_inputs)]:
             if path == source or (source.is_dir() and path.is_relative_to(source)):
                 raise ValueError(f"refusing to write {path}: it is an input of run {run.path} ({source}). Choose another output file.")
         folder = _run_folder_of(path.parent)

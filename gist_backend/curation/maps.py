@@ -44,8 +44,13 @@ def _params(run: Run, rank: int, seed: int, fit_sample: int, n_neighbors: int) -
     }  # fmt: skip
 
 
-def _cached(path, params: dict[str, str]) -> dict[str, np.ndarray] | None:
-    """The cached map if it exists, is readable and was made with the same parameters for this run."""
+def _shapes(run: Run) -> dict[str, tuple[int, int]]:
+    """The shape each map array must have for this run: one point per pool example, validation example and sub-task."""
+    return {"train_xy": (run.train.height, 2), "val_xy": (len(run.val_tasks), 2), "centroid_xy": (len(set(run.val_tasks)), 2)}
+
+
+def _cached(path, params: dict[str, str], shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray] | None:
+    """The cached map if it exists, is readable, was made with the same parameters for this run and has its shapes."""
     if not path.exists():
         return None
     try:
@@ -57,7 +62,8 @@ def _cached(path, params: dict[str, str]) -> dict[str, np.ndarray] | None:
         arrays = read_tensors(path)
     except Exception:  # a damaged cache (bad header, truncated file) is recomputed
         return None
-    return arrays if all(k in arrays for k in MAP_KEYS) else None
+    ok = all(k in arrays and arrays[k].shape == shapes[k] and np.isfinite(arrays[k]).all() for k in MAP_KEYS)
+    return arrays if ok else None  # rows of a map become edits: a map of another shape is never served
 
 
 def map_path(run: Run, rank: int) -> Path:
@@ -67,7 +73,7 @@ def map_path(run: Run, rank: int) -> Path:
 
 def cached_map(run: Run, rank: int, *, seed: int = 0, fit_sample: int = FIT_SAMPLE, n_neighbors: int = 15) -> dict[str, np.ndarray] | None:
     """The cached map at ``rank`` if one was made with these parameters for this run, else None (nothing is computed)."""
-    cached = _cached(map_path(run, check_rank(rank, run.k_max)), _params(run, rank, seed, fit_sample, n_neighbors))
+    cached = _cached(map_path(run, check_rank(rank, run.k_max)), _params(run, rank, seed, fit_sample, n_neighbors), _shapes(run))
     return None if cached is None else {k: cached[k] for k in MAP_KEYS}
 
 
