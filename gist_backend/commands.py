@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .cli import config_from_args, json_dump
 from .config import METHOD_LABELS, check_rank
+from .runs.lock import RunLocked
 
 
 def cmd_compute(args: argparse.Namespace) -> None:
@@ -41,6 +42,8 @@ def cmd_add_target(args: argparse.Namespace) -> None:
     try:
         run_dir = add_target(args.run_dir, list(args.val), args.name, device=args.device, max_tokens=args.max_tokens,
                              sketch_dim=args.sketch_dim, progress=progress)  # fmt: skip
+    except RunLocked:
+        raise  # the progress file is the running writer's: leave it alone
     except BaseException as err:
         progress.finish("cancelled" if isinstance(err, KeyboardInterrupt) else "failed", f"{type(err).__name__}: {err}")
         raise
@@ -177,6 +180,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     try:
         result = evaluate(run, args.test, selection, baselines=args.baselines, recipe=EvalRecipe.from_run(run, epochs=args.epochs, lr=args.lr),
                           train_seeds=args.train_seeds, device=args.device, dtype=args.dtype, progress=progress)  # fmt: skip
+    except RunLocked:
+        raise  # the progress file is the running evaluation's: leave it alone
     except BaseException as err:
         progress.finish("cancelled" if isinstance(err, KeyboardInterrupt) else "failed", f"{type(err).__name__}: {err}")
         raise

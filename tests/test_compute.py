@@ -222,4 +222,22 @@ def test_lora_dropout_reaches_the_adapter_and_not_the_gradients(tiny_llama, toy_
     adapter = json.loads((tmp_path / "dump" / "adapter" / "adapter_config.json").read_text())
     assert adapter["lora_dropout"] == 0.5
     val_grads, train_grads = np.load(tmp_path / "dump" / "val_grads.npy"), np.load(tmp_path / "dump" / "train_grads.npy")
-    np.testing.assert_allclose(scores(run, "gist", 4), svd_scores(val_grads, train_grads, run.val_tasks, 4), atol=1e-3)  # eval mode: deterministic
+    np.testing.assert_allclose(scores(run, "gist", 4), svd_scores(val_grads, train_grads, run.val_tasks, 4), atol=1e-3)
+    # Independently of the dump's own pass: plain autograd on the saved adapter in eval mode (no dropout) gives the
+    # stored gradients; with dropout 0.5 active they would differ by far more than 1e-5.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gist_backend.stages.prepare import prepare_targets
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "dump" / "adapter", is_trainable=True).eval()
+    params = [p for n, p in model.named_parameters() if ".lora_" in n]
+
+    def grad(input_ids: list[int], labels: list[int]) -> np.ndarray:
+        loss = model(input_ids=torch.tensor([input_ids]), labels=torch.tensor([labels])).loss
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).numpy()
+
+    train_example = json.loads((tmp_path / "dump" / "train_examples.jsonl").read_text().splitlines()[2])
+    np.testing.assert_allclose(grad(train_example["input_ids"], train_example["labels"]), train_grads[2], atol=1e-5)
+    val_examples, _, _ = prepare_targets([str(val)], AutoTokenizer.from_pretrained(tiny_llama), SMALL["max_len"])
+    np.testing.assert_allclose(grad(val_examples[1].input_ids, val_examples[1].labels), val_grads[1], atol=1e-5)

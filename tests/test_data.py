@@ -397,6 +397,9 @@ def test_many_records_tokenise_in_batches(tmp_path, chat_tok, monkeypatch):
     out, bad = tokenize_records(records, chat_tok)
     assert len(out) == 300 and not bad
     assert [_labelled_runs(chat_tok, out[i]) for i in (0, 150, 299)] == [[f"{A} {i}<|im_end|>\n"] for i in (0, 150, 299)]
+    monkeypatch.setattr(data, "_TOKENIZE_CHUNK", 1000)  # one chunk: every record's ids and labels are the same
+    whole, _ = tokenize_records(records, chat_tok)
+    assert [(e.id, e.input_ids, e.labels) for e in out] == [(e.id, e.input_ids, e.labels) for e in whole]
 
 # ----------------------------------------------------------------------------- fingerprint
 

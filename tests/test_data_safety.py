@@ -205,19 +205,51 @@ def _start_holder(run: Path, scope: str, ready: Path):
     return holder
 
 
-def test_second_writer_fails_fast_naming_the_holder_and_a_dead_holder_frees_the_lock(base, tmp_path):
+def never_wait_for_a_lock(monkeypatch) -> None:
+    """A lock taken at once never sleeps: make any wait for one fail the test (fail fast, measured without a clock)."""
+    from types import SimpleNamespace
+
+    from gist_backend.runs import lock
+
+    monkeypatch.setattr(lock, "time", SimpleNamespace(monotonic=time.monotonic, sleep=lambda s: pytest.fail("waited for a lock")))
+
+
+def test_second_writer_fails_fast_naming_the_holder_and_a_dead_holder_frees_the_lock(base, tmp_path, monkeypatch):
     run = tmp_path / "run"
     ready = tmp_path / "ready"
     run.mkdir()
     holder = _start_holder(run, "run", ready)
-    start = time.time()
+    never_wait_for_a_lock(monkeypatch)
     with pytest.raises(RunError, match=rf"is busy: gist-curate compute \(test\) \(pid {holder.pid}"):
         compute(_config(base["model"], base["pool"], base["val"]), run)
-    assert time.time() - start < 10 and not (run / "manifest.json").exists()
+    assert not (run / "manifest.json").exists()
     os.kill(holder.pid, signal.SIGKILL)  # the OS releases the lock of a dead process
     holder.join()
     compute(_config(base["model"], base["pool"], base["val"]), run)
     assert open_run(run).manifest["status"] == "complete"
+
+
+@pytest.mark.parametrize("command", ["add-target", "evaluate", "map"])
+def test_every_other_writer_fails_fast_naming_the_holder_and_writes_nothing(base, tmp_path, monkeypatch, capsys, command):
+    run = compute(_config(base["model"], base["pool"], base["val"], reusable=True), tmp_path / "run")
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"id": "t0", "messages": [{"role": "user", "content": "Say 321."}, {"role": "assistant", "content": "321."}]}) + "\n")
+    scope, argv = {
+        "add-target": ("run", ["--val", str(base["val"]), "--name", "second"]),
+        "evaluate": ("evals", ["--test", str(test), "--budget", "4", "--baselines", "random:1", "--epochs", "1"]),
+        "map": ("maps", ["--rank", "2"]),
+    }[command]
+    files = lambda: {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file() and not p.name.startswith(".lock-")}  # noqa: E731
+    holder = _start_holder(run, scope, tmp_path / "ready")
+    try:
+        before = files()  # with the holder's own progress file, if it had one
+        never_wait_for_a_lock(monkeypatch)
+        err = _error(capsys, [command, "--run-dir", str(run), *argv])
+        assert f"is busy: gist-curate compute (test) (pid {holder.pid}" in err
+        assert files() == before  # not a result, and not a "failed" over the running writer's progress
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join()
 
 
 def test_edits_wait_for_a_brief_writer_but_not_forever(base, tmp_path):
@@ -235,16 +267,19 @@ def test_edits_wait_for_a_brief_writer_but_not_forever(base, tmp_path):
     assert len(load_edits(run)) == 1
 
 
-def test_a_lock_file_replaced_while_waiting_is_not_trusted(tmp_path):
+def test_a_lock_file_replaced_while_waiting_is_not_trusted(tmp_path, monkeypatch):
     """compute --overwrite swaps a new run folder in and drops the old lock files: a writer that was waiting on the
     old file must lock the new one, or it and a newcomer would both write."""
     import threading
+    from types import SimpleNamespace
 
+    from gist_backend.runs import lock
     from gist_backend.runs.lock import RunLocked, run_lock
 
     run = tmp_path / "run"
     run.mkdir()
-    got, release = threading.Event(), threading.Event()
+    got, release, retrying = threading.Event(), threading.Event(), threading.Event()
+    monkeypatch.setattr(lock, "time", SimpleNamespace(monotonic=time.monotonic, sleep=lambda s: retrying.set() or time.sleep(s)))
 
     def waiter():
         with run_lock(run, "edits", "waiter", wait_s=20):
@@ -254,7 +289,7 @@ def test_a_lock_file_replaced_while_waiting_is_not_trusted(tmp_path):
     with run_lock(run, "edits", "holder"):
         thread = threading.Thread(target=waiter)
         thread.start()
-        time.sleep(0.3)  # the waiter is retrying on the file that is about to go
+        assert retrying.wait(20)  # the waiter has found the lock held and is retrying on the file that is about to go
         (run / ".lock-edits").unlink()
     try:
         assert got.wait(20)

@@ -204,12 +204,15 @@ def test_combined_selection_across_targets(two_targets, tmp_path, capsys):
     assert manifest["method"] == "combined" and manifest["target"] == "val+animals"
     assert [(p["target"], p["method"], p["rank"], p["share"]) for p in manifest["method_info"]["parts"]] == [("val", "gist", 4, 0.75), ("animals", "less", None, 0.25)]
     assert len(out.read_text().splitlines()) == 8
-    # the export guards hold for a combined selection too: never over an input, never over a file without --force
-    pool_bytes = two_targets["pool"].read_bytes()
-    for dest in (two_targets["pool"], out):
+    # the export guards hold for a combined selection too: never over an input (the pool, or the validation file of a
+    # target added later, even with --force), never over a file without --force
+    inputs = {p: p.read_bytes() for p in (two_targets["pool"], two_targets["other"])}
+    for dest, force in ((two_targets["pool"], ["--force"]), (two_targets["other"], ["--force"]), (out, [])):
+        capsys.readouterr()
         with pytest.raises(SystemExit):
-            cli_main(["combine", "--run-dir", str(run_dir), "--part", "val", "--budget", "4", "--out", str(dest)])
-    assert two_targets["pool"].read_bytes() == pool_bytes and len(out.read_text().splitlines()) == 8
+            cli_main(["combine", "--run-dir", str(run_dir), "--part", "val", "--budget", "4", "--out", str(dest), *force])
+        assert ("it is an input of run" if force else "already exists") in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in inputs} == inputs and len(out.read_text().splitlines()) == 8
 
 
 def test_a_sketch_wider_than_the_gradient_is_the_gradient(two_targets, tmp_path):
