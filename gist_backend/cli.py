@@ -26,6 +26,11 @@ def _budget(text: str) -> str:
     return text
 
 
+def _budgets(text: str) -> list[str]:
+    """One budget or several, comma-separated ('2.5%,5%,10%'), each checked as ``_budget`` checks one."""
+    return [_budget(part.strip()) for part in text.split(",")]
+
+
 def _cap(text: str) -> str:
     """A per-source cap as given ('50' a count, '0.3' or '30%' a fraction of the budget), checked now."""
     from .curation.budget import cap_count
@@ -185,7 +190,9 @@ def _add_report_commands(sub) -> None:
     _add_run(p)
     p.add_argument("--test", required=True, help="held-out target records (JSONL etc.); 'choices' + 'answer_index' give accuracy")
     _add_scoring(p)
-    p.add_argument("--budget", type=_budget, default=None, help="count or fraction, as for select (curation edits apply)")
+    p.add_argument("--budget", type=_budgets, default=None,
+                   help="count or fraction, as for select (curation edits apply); several, comma-separated (2.5%%,5%%,10%%), "
+                        "evaluate the selection at each budget against random selections of each size")  # fmt: skip
     p.add_argument("--per-source-cap", type=_cap, default=None, help="as for select: most examples per source (a count or a fraction of the budget)")
     p.add_argument("--selection", default=None, metavar="FILE.jsonl", help="evaluate an exported selection instead of --method/--budget")
     p.add_argument("--baselines", type=_baselines, default=3, metavar="random:N", help="N random selections of the same size (default random:3)")

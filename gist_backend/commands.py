@@ -175,7 +175,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     elif args.budget is None:
         raise ValueError("give --budget (with --method and --rank) or --selection FILE.jsonl")
     else:
-        selection = select(run, method=args.method, rank=args.rank, budget=args.budget, per_source_cap=args.per_source_cap, seed=args.seed)
+        selection = [select(run, method=args.method, rank=args.rank, budget=b, per_source_cap=args.per_source_cap, seed=args.seed) for b in args.budget]
     progress = Progress(run.path / "evals", file="progress.json")
     try:
         result = evaluate(run, args.test, selection, baselines=args.baselines, recipe=EvalRecipe.from_run(run, epochs=args.epochs, lr=args.lr),

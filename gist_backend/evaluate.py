@@ -261,12 +261,16 @@ def evaluate(run: Run, test: str | Path, selections: Selection | list[Selection]
         raise ValueError("--train-seeds must be at least 1")
     recipe = recipe or EvalRecipe.from_run(run)
     report = progress or (lambda *a: None)
+    sizes = sorted({len(s.rows) for s in selections})
+    names = [arm_name(s) + (f"-n{len(s.rows)}" if len(sizes) > 1 else "") for s in selections]
+    if len(set(names)) < len(names):
+        raise ValueError(f"two selections would be the same arm ({', '.join(sorted({n for n in names if names.count(n) > 1}))}): "
+                         "give each one once (budgets that resolve to the same size count as one)")  # fmt: skip
     with run_lock(run.path, "evals", "gist-curate evaluate"):
         arms = _Arms(run, Path(test), recipe, train_seeds, device, dtype, lambda stage, done, total: report(stage, done, total))
-        sizes = sorted({len(s.rows) for s in selections})
         randoms = {n: [arms.result(f"random-s{s}" + (f"-n{n}" if len(sizes) > 1 else ""), "random",
                                    select(run, method="random", budget=n, seed=s, edits=[]).rows) for s in range(baselines)] for n in sizes}  # fmt: skip
-        chosen = [arms.result(arm_name(s), "selection", np.asarray(s.rows, dtype=np.int64)) for s in selections]
+        chosen = [arms.result(name, "selection", np.asarray(s.rows, dtype=np.int64)) for name, s in zip(names, selections)]
         base = arms.result("base", "base", None)
         out = []
         for arm, sel in [(a, s) for a, s in zip(chosen, selections)] + [(base, None)] + [(r, None) for n in sizes for r in randoms[n]]:

@@ -214,3 +214,24 @@ def test_evaluate_json_never_replaces_its_own_test_or_selection_file(evaluated, 
             cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), *args, "--baselines", "random:1", "--force"])
         assert exit_.value.code == 2 and "refusing to write" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_evaluate_at_several_budgets_compares_each_with_random_arms_of_its_size(evaluated, tmp_path, capsys):
+    run_dir, test, _ = evaluated
+    out = tmp_path / "budgets.json"
+    cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", "6,10", "--rank", "4", "--baselines", "random:1",
+              "--epochs", "1", "--lr", "1e-3", "--json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    arms = {a["name"]: a for a in result["arms"]}
+    assert list(arms) == ["gist-r4-n6", "gist-r4-n10", "base", "random-s0-n6", "random-s0-n10"]
+    assert [arms[n]["n_train"] for n in arms] == [6, 10, 0, 6, 10]
+    for n in (6, 10):  # each size against the random arm of its own size, per question
+        expected = arms[f"gist-r4-n{n}"]["test_loss"] - arms[f"random-s0-n{n}"]["test_loss"]
+        assert arms[f"gist-r4-n{n}"]["vs_random"]["test_loss"]["diff"] == pytest.approx(expected, abs=1e-9)
+    assert arms["gist-r4-n6"]["selection"]["budget"] == 6 and arms["gist-r4-n10"]["selection"]["budget"] == 10
+    with pytest.raises(SystemExit):  # two budgets of one size would be one arm twice: refused before any fine-tune
+        cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", "10,10", "--baselines", "random:1"])
+    assert "would be the same arm (gist-r8)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", "6,1x", "--baselines", "random:1"])
+    assert "--budget" in capsys.readouterr().err
