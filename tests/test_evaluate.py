@@ -65,12 +65,17 @@ def test_scores_equal_full_sequence_losses(tiny_llama, evaluated):
             assert np.isnan(got["correct"][q])
 
 
+def _evaluate_rank4(run_dir: Path, test: Path, out: Path, *, budget: str, baselines: int) -> dict:
+    """`gist-curate evaluate` of GIST at rank 4 with the tests' quick recipe; the JSON it wrote."""
+    cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", budget, "--rank", "4", "--baselines", f"random:{baselines}",
+              "--epochs", "1", "--lr", "1e-3", "--json", str(out)])  # fmt: skip
+    return json.loads(out.read_text())
+
+
 def test_cli_evaluate_arms_cache_and_comparison(evaluated, monkeypatch, capsys):
     run_dir, test, root = evaluated
     out = root / "eval.json"
-    cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", "10", "--rank", "4", "--baselines", "random:2",
-              "--epochs", "1", "--lr", "1e-3", "--json", str(out)])  # fmt: skip
-    result = json.loads(out.read_text())
+    result = _evaluate_rank4(run_dir, test, out, budget="10", baselines=2)
     names = [a["name"] for a in result["arms"]]
     assert names == ["gist-r4", "base", "random-s0", "random-s1"]
     arms = {a["name"]: a for a in result["arms"]}
@@ -218,10 +223,7 @@ def test_evaluate_json_never_replaces_its_own_test_or_selection_file(evaluated, 
 
 def test_evaluate_at_several_budgets_compares_each_with_random_arms_of_its_size(evaluated, tmp_path, capsys):
     run_dir, test, _ = evaluated
-    out = tmp_path / "budgets.json"
-    cli_main(["evaluate", "--run-dir", str(run_dir), "--test", str(test), "--budget", "6,10", "--rank", "4", "--baselines", "random:1",
-              "--epochs", "1", "--lr", "1e-3", "--json", str(out)])  # fmt: skip
-    result = json.loads(out.read_text())
+    result = _evaluate_rank4(run_dir, test, tmp_path / "budgets.json", budget="6,10", baselines=1)
     arms = {a["name"]: a for a in result["arms"]}
     assert list(arms) == ["gist-r4-n6", "gist-r4-n10", "base", "random-s0-n6", "random-s0-n10"]
     assert [arms[n]["n_train"] for n in arms] == [6, 10, 0, 6, 10]
