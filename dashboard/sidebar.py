@@ -34,7 +34,7 @@ def render_sidebar() -> Run | None:
         st.selectbox("Method", methods, key=session.METHOD, format_func=session.METHOD_LABELS.get,
                      help="Which method selects the subset. GIST is the published score; GIST-global weighs its alignment by the "
                           "share of the gradient the subspace holds; in our measurements at a 5 % budget it beat random in all six runs, while "
-                          "GIST lost to random in two of three on MMLU, and at 10 % neither beat random (README, selection quality). G2IS returns a set, not a ranking; views then rank by GIST. The Evaluate "
+                          "GIST lost to random in two of three on MMLU, and at 10 % with 2 fine-tuning epochs neither beat random (README, selection quality). G2IS returns a set, not a ranking; views then rank by GIST. The Evaluate "
                           "page measures which helps your target.")  # fmt: skip
         st.slider("GIST rank r", 1, run.k_max, key=session.RANK,
                   help="Number of task directions used for GIST scores. Every view reads its scores from this slider.")  # fmt: skip
