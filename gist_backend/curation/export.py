@@ -66,9 +66,11 @@ def check_output(run: Run, out: str | Path, *, force: bool = False, sidecar: boo
     if resolved.is_dir():
         raise ValueError(f"{out} is a folder; give a file name inside it, e.g. {Path(out) / 'selected.jsonl'}")
     for path in paths:
-        for source in [*input_paths(run), *(Path(p).expanduser().resolve() for p in also_inputs)]:
+        own = [Path(p).expanduser().resolve() for p in also_inputs]
+        for source in [*input_paths(run), *own]:
             if path == source or (source.is_dir() and path.is_relative_to(source)):
-                raise ValueError(f"refusing to write {path}: it is an input of run {run.path} ({source}). Choose another output file.")
+                whose = "this command" if source in own else f"run {run.path}"
+                raise ValueError(f"refusing to write {path}: it is an input of {whose} ({source}). Choose another output file.")
         folder = _run_folder_of(path.parent)
         if folder is not None:
             raise ValueError(f"refusing to write {path} inside run folder {folder}: that would mix user files with the run's "
